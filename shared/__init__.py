@@ -1,0 +1,1 @@
+"""dwm.shared: the contract between preprocessing and training (features, config, models)."""

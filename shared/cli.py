@@ -1,0 +1,117 @@
+"""``dwm``: one command line for the whole project. The Justfile recipes are thin wrappers.
+
+    dwm preprocess DIR [key=value ...]
+    dwm train [stage=A|B|C] [key=value ...]
+    dwm generate music=SONG ref=PHOTO [key=value ...]
+    dwm eval ckpt=... data=manifest.json [key=value ...]
+    dwm bench [quick=true] [key=value ...]
+    dwm models [profile=full]
+    dwm demo [videos=DIR]
+
+Every subcommand takes ``key=value`` overrides of its typed config; ``--help`` lists them all
+with their defaults. A bad key or value fails with one line naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import config as C
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str
+    config: type
+    build: Callable[[list[str]], object]
+    target: str  # "module:function", imported only when the command runs
+    positional: str | None = None  # config key filled by a bare positional argument
+
+
+def _plain(cls: type) -> Callable[[list[str]], object]:
+    return lambda overrides: C.apply_overrides(cls(), overrides)
+
+
+COMMANDS: dict[str, Command] = {
+    "preprocess": Command("videos -> feature cache + WebDataset shards", C.PreprocessConfig,
+                          C.build_preprocess_config, "dwm.preprocess.run:main", "input_dir"),
+    "train": Command("train stage A, B, C, or all three in order", C.TrainConfig,
+                     C.build_train_config, "dwm.training.train:main"),
+    "generate": Command("song + photo -> dance mp4", C.GenerateConfig, _plain(C.GenerateConfig),
+                        "dwm.training.generate:main"),
+    "eval": Command("metrics of a checkpoint on held-out shards", C.EvalConfig,
+                    _plain(C.EvalConfig), "dwm.training.evaluate:main"),
+    "bench": Command("measured speed of the data path and train step", C.BenchConfig,
+                     _plain(C.BenchConfig), "dwm.training.bench:main"),
+    "models": Command("download the full weights into models_dir", C.ModelsConfig,
+                      _plain(C.ModelsConfig), "dwm.shared.registry:download_main"),
+    "demo": Command("the whole chain on a small generated default", C.DemoConfig,
+                    _plain(C.DemoConfig), "dwm.training.demo:main"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: dwm COMMAND [key=value ...]   (dwm COMMAND --help for its options)", ""]
+    lines += [f"  {name:<11} {cmd.summary}" for name, cmd in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_help(name: str) -> str:
+    cmd = COMMANDS[name]
+    pos = f" {cmd.positional.upper()}" if cmd.positional else ""
+    lines = [f"usage: dwm {name}{pos} [key=value ...]", "", cmd.summary, "", "options (default):"]
+    for key, tp, default in C.describe(cmd.config):
+        lines.append(f"  {key:<34} {tp:<28} {default!r}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> tuple[str, object]:
+    """argv (without the program name) -> (command name, config). Raises ConfigError/SystemExit."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        raise SystemExit(0)
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        raise C.ConfigError(f"unknown command '{name}' (one of {', '.join(COMMANDS)})")
+    cmd = COMMANDS[name]
+    if any(a in ("-h", "--help") for a in args):
+        print(command_help(name))
+        raise SystemExit(0)
+    overrides = []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif cmd.positional and not any(o.startswith(cmd.positional + "=") for o in overrides):
+            overrides.append(f"{cmd.positional}={a}")
+        else:
+            raise C.ConfigError(f"unexpected argument '{a}' (expected key=value)")
+    return name, cmd.build(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        name, cfg = parse(argv)
+    except C.ConfigError as e:
+        print(f"dwm: error: {e}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name].target.split(":")
+    try:
+        result = getattr(importlib.import_module(module), func)(cfg)
+    except (C.ConfigError, UserFacingError) as e:
+        print(f"dwm {name}: error: {e}", file=sys.stderr)
+        return 2
+    return int(result or 0) if isinstance(result, int) else 0
+
+
+class UserFacingError(RuntimeError):
+    """An error whose message is the whole story (missing weight, bad input, ...): no traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""One typed config system: dataclasses, YAML files per stage and per preprocessing profile,
+and ``key=value`` command-line overrides.
+
+Resolution order (later wins): dataclass defaults -> YAML file(s) -> ``key=value`` overrides.
+Keys may be dotted (``decode.fps=30``) or a unique leaf name (``fps=30``); a few aliases
+(``stage=C``) keep the command line short. Unknown keys and values of the wrong type fail with
+a :class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model registry config (which pretrained component comes from where)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelsConfig:
+    # "full": real weights (Hugging Face id or local path). "tiny": random-init models of the same
+    # classes, plus generated stand-in ONNX files, built on first use under models_dir/tiny.
+    profile: Literal["full", "tiny"] = "full"
+    models_dir: str = "models"
+    # SVD img2vid-xt carries the VAE, the CLIP image encoder and the UNet as subfolders.
+    svd: str = "stabilityai/stable-video-diffusion-img2vid-xt"
+    # VAE used by preprocessing (latents) and generation (decode). Empty: the SVD repo's "vae".
+    # A local AutoencoderTiny (TAESD) folder works too.
+    vae: str = ""
+    clip: str = ""  # empty: the SVD repo's "image_encoder"
+    unet: str = ""  # empty: the SVD repo's "unet"
+    # DWpose ONNX files (HF repo yzd-v/DWPose); relative paths live under models_dir.
+    dwpose_det: str = "dwpose/yolox_l.onnx"
+    dwpose_pose: str = "dwpose/dw-ll_ucoco_384.onnx"
+    # insightface looks for <models_dir>/insightface/models/<pack>/*.onnx
+    insightface_pack: Literal["antelopev2", "buffalo_l"] = "antelopev2"
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DecodeConfig:
+    fps: float = 24.0
+    width: int = 512  # portrait by default: dance video is mostly portrait
+    height: int = 896
+    segment_frames: int = 150  # one shard sample per clip segment of at most this many frames
+    min_frames: int = 24  # shorter videos / tail segments are dropped with a reason
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 22050
+    n_mels: int = 80
+
+
+@dataclass
+class PoseConfig:
+    backend: Literal["dwpose", "mediapipe"] = "dwpose"
+    heatmap_downsample: int = 8  # heatmaps at latent resolution (image / 8)
+    heatmap_sigma: float = 1.5  # Gaussian sigma, in heatmap pixels
+    min_score: float = 0.3  # keypoints below this score count as missing
+    batch_size: int = 16
+
+
+@dataclass
+class FaceConfig:
+    det_size: int = 640
+    det_threshold: float = 0.5
+    mask_dilate: float = 1.3  # face box is grown by this factor before the soft mask is drawn
+    batch_size: int = 16
+
+
+@dataclass
+class LatentConfig:
+    store_std: bool = False
+    batch_size: int = 4  # small batches are faster on CPU (ENVIRONMENT.md)
+
+
+@dataclass
+class ClipConfig:
+    every_n_frames: int = 24  # CLIP embeddings of reference-candidate frames only
+    batch_size: int = 8
+
+
+@dataclass
+class ThumbConfig:
+    width: int = 128
+    quality: int = 85
+
+
+@dataclass
+class ShardConfig:
+    target_shard_mb: float = 256.0
+    holdout_fraction: float = 0.1  # fraction of videos (by content hash) held out for validation
+
+
+@dataclass
+class PreprocessConfig:
+    input_dir: str = "videos"
+    out: str = "data"
+    profile: Literal["full", "tiny"] = "full"
+    workers: int = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    # extractors to run; the others are skipped (the bench turns model extractors off this way)
+    extractors: list[str] = field(
+        default_factory=lambda: ["audio", "pose", "face", "latents", "clip", "thumbs"]
+    )
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    pose: PoseConfig = field(default_factory=PoseConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    latents: LatentConfig = field(default_factory=LatentConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    thumbs: ThumbConfig = field(default_factory=ThumbConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (all three stages share one config; each stage file only sets what differs)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    # -- stages and steps (seed design)
+    training_stage: Literal["A", "B", "C", "all"] = "all"
+    stage_a_steps: int = 5000
+    stage_b_steps: int = 10000
+    stage_c_steps: int = 15000
+    # -- learning rates
+    stage_a_lr: float = 1e-4
+    stage_b_lr: float = 1e-4
+    stage_c_lr: float = 5e-5
+    m2p_lr_stage_b: float = 1e-5
+    m2p_unfreeze_fraction_b: float = 0.5  # M2PEncoder trains at m2p_lr_stage_b after this point of B
+    m2p_lr_stage_c: float = 0.0  # optional small LR for the M2PEncoder in C (0 = frozen)
+    learning_rate: float = 1e-4  # base LR for groups without a stage-specific one
+    # -- loss weights
+    diffusion_loss_weight: float = 1.0
+    pose_loss_weight: float = 0.5
+    face_loss_weight: float = 0.1
+    id_loss_weight: float = 0.1
+    temporal_loss_weight: float = 0.1
+    face_loss: Literal["cosine", "l2"] = "cosine"
+    # -- batching and optimisation
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    lr_warmup_steps: int = 100
+    gradient_clip_norm: float = 1.0
+    adam_weight_decay: float = 1e-2
+    use_8bit_adam: bool = False
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf losses tolerated before the run stops
+    # -- conditioning and sequence
+    guidance_scale: float = 1.0
+    sequence_length: int = 24  # stage C starting T; the curriculum grows it to max_sequence_length
+    max_sequence_length: int = 150
+    audio_window: int = 120  # stage A window W (5 s at 24 fps)
+    min_ref_gap: int = 12  # stage B: reference and target frames at least this many frames apart
+    condition_dropout: float = 0.1
+    scheduled_sampling_fraction: float = 0.2  # last 20% of stage B moves gt pose -> M2P pose
+    # -- data loading
+    data: str = "data/manifest.json"
+    num_workers: int = 2
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    resampled: bool = False
+    epoch_samples: int = 0  # fixed epoch length in samples (0 = one pass over the shards)
+    shuffle_buffer: int = 64
+    # -- speed and memory
+    gradient_checkpointing: bool = False
+    use_xformers: bool = False
+    # -- model size and outputs
+    model_size: Literal["tiny", "full"] = "full"
+    output_dir: str = "champ_2stage_output"
+    init: str = ""  # explicit checkpoint/final folder to start the stage from
+    resume: str = ""  # "latest" or a checkpoint path
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 3
+    validation_steps: int = 500
+    log_steps: int = 10
+    seed: int = 42
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and evaluation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GenerateConfig:
+    music: str = ""
+    ref: str = ""
+    out: str = "dance.mp4"
+    ckpt: str = "champ_2stage_output/final"
+    steps: int = 25
+    seed: int = 42
+    fps: float = 24.0
+    resolution: str = "512x896"  # WxH
+    max_seconds: float = 10.0
+    device: str = "cpu"
+    guidance_scale: float = 2.5
+    pose_guidance_scale: float = 1.0
+    window: int = 24  # frames per denoising window
+    overlap: int = 6  # frames shared by neighbouring windows, blended
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = "champ_2stage_output/final"
+    data: str = "data/manifest.json"
+    out: str = "eval"
+    split: Literal["val", "train", "all"] = "val"
+    max_samples: int = 16
+    steps: int = 10
+    device: str = "cpu"
+    seed: int = 0
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = False
+    out: str = "bench_out"
+    video: str = ""  # default: ../shared/samples/dance_music.mp4
+    repeats: int = 3
+    threads: int = 2
+
+
+@dataclass
+class DemoConfig:
+    videos: str = ""  # empty: generate small test videos with a beat track
+    out: str = "demo_out"
+    seconds: float = 4.0  # length of the generated song/video
+
+
+# Short names accepted on the command line.
+ALIASES = {"stage": "training_stage"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Machinery
+# ----------------------------------------------------------------------------------------------
+def _leaf_paths(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """Dotted path -> (path, type) for every leaf field of a dataclass type."""
+    out: dict[str, tuple[str, Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_paths(tp, path + "."))
+        else:
+            out[path] = (path, tp)
+    return out
+
+
+def _resolve_key(cls: type, key: str) -> tuple[str, Any]:
+    key = ALIASES.get(key, key)
+    leaves = _leaf_paths(cls)
+    if key in leaves:
+        return leaves[key]
+    matches = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return leaves[matches[0]]
+    if len(matches) > 1:
+        raise ConfigError(f"ambiguous config key '{key}': use one of {', '.join(sorted(matches))}")
+    raise ConfigError(f"unknown config key '{key}' for {cls.__name__}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (a string from the command line, or a YAML scalar) to ``tp``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices and str(value) not in [str(c) for c in choices]:
+            raise ConfigError(f"bad value for '{key}': {value!r} is not one of {list(choices)}")
+        return next(c for c in choices if str(c) == str(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item_tp,) = get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad value for '{key}': expected a list, got {value!r}")
+        return [_coerce(key, v, item_tp) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("true", "1", "yes", "on"):
+            return True
+        if s in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"bad value for '{key}': expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"bad value for '{key}': expected {tp.__name__}, got {value!r}")
+        try:
+            if tp is int:
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"bad value for '{key}': expected {tp.__name__}, got {value!r}"
+            ) from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"bad value for '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set_path(cfg: Any, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
+    """Apply ``key=value`` overrides (strings) or a mapping to a config in place; returns it."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"expected key=value, got '{item}'")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v
+        overrides = pairs
+    for key, value in overrides.items():
+        path, tp = _resolve_key(type(cfg), key)
+        _set_path(cfg, path, _coerce(key, value, tp))
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_yaml(cfg: Any, path: str | Path) -> Any:
+    """Apply a YAML file (nested or dotted keys) to a config; unknown keys fail naming the file."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    try:
+        return apply_overrides(cfg, _flatten(data))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_file(name: str) -> Path:
+    """A config file shipped with the package, e.g. ``config_file('stage_A')``."""
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config (dataclass or plain data), for cache keys."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe(cls: type) -> list[tuple[str, str, Any]]:
+    """(dotted key, type name, default) for every leaf: the CLI's --help lists these."""
+    default = cls()
+    rows = []
+    for path, (_, tp) in _leaf_paths(cls).items():
+        obj = default
+        for p in path.split("."):
+            obj = getattr(obj, p)
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        rows.append((path, name, obj))
+    return rows
+
+
+def build_preprocess_config(overrides: list[str] | dict | None = None) -> PreprocessConfig:
+    """Defaults -> profile file (``preprocess_<profile>.yaml``) -> overrides."""
+    overrides = overrides or []
+    cfg = PreprocessConfig()
+    probe = apply_overrides(PreprocessConfig(), overrides)  # to learn the profile asked for
+    load_yaml(cfg, config_file(f"preprocess_{probe.profile}"))
+    return apply_overrides(cfg, overrides)
+
+
+def build_train_config(
+    overrides: list[str] | dict | None = None, stage: str | None = None
+) -> TrainConfig:
+    """Defaults -> ``train_<size>.yaml`` -> ``stage_<X>.yaml`` -> overrides."""
+    overrides = overrides or []
+    probe = apply_overrides(TrainConfig(), overrides)
+    cfg = TrainConfig()
+    load_yaml(cfg, config_file(f"train_{probe.model_size}"))
+    st = stage or probe.training_stage
+    if st in ("A", "B", "C"):
+        load_yaml(cfg, config_file(f"stage_{st}"))
+    apply_overrides(cfg, overrides)
+    if stage:
+        cfg.training_stage = stage  # type: ignore[assignment]
+    return cfg

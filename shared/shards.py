@@ -1,0 +1,194 @@
+"""WebDataset shards and their manifest: the only way training sees preprocessed data.
+
+A shard is a plain POSIX tar readable with ``tar`` and ``webdataset``. Each sample is a group of
+members ``<key>.json`` and ``<key>.<feature>.npy`` (``np.save`` with ``allow_pickle=False``).
+Tars are written deterministically (sorted members, zero mtimes/uids) so that the same samples
+give the same bytes, and atomically (temp name, then rename). ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from . import storage
+from .contract import SHARD_FORMAT_VERSION
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A manifest or shard that must not be read (bad checksum, unsafe member, wrong version)."""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    split: str
+    samples: int
+    frames: int
+    bytes: int
+    sha256: str
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def sample_members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """``{"__key__": k, "json": {...}, "latents": arr, ...}`` -> sorted (member name, bytes)."""
+    key = sample["__key__"]
+    if "/" in key or key.startswith(".") or "." in key:
+        raise ValueError(f"bad sample key {key!r}: no '/', '.' allowed")
+    members = []
+    for name, value in sample.items():
+        if name == "__key__":
+            continue
+        if name == "json":
+            data = json.dumps(value, sort_keys=True, default=_json_default).encode()
+            members.append((f"{key}.json", data))
+        else:
+            members.append((f"{key}.{name}.npy", encode_npy(np.asarray(value))))
+    return sorted(members)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def tar_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for name, data in sample_members(sample):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Packs samples into ``<out_dir>/<prefix>-NNNNNN.tar`` of about ``target_bytes`` each."""
+
+    def __init__(self, out_dir: str, prefix: str = "train", target_bytes: int = 256 << 20,
+                 split: str | None = None, start_index: int = 0):
+        self.out_dir = out_dir
+        self.prefix = prefix
+        self.split = split or prefix
+        self.target_bytes = int(target_bytes)
+        self.index = start_index
+        self.pending: list[dict[str, Any]] = []
+        self.pending_bytes = 0
+        self.shards: list[ShardInfo] = []
+        storage.makedirs(out_dir)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        size = sum(np.asarray(v).nbytes for k, v in sample.items() if k not in ("__key__", "json"))
+        if self.pending and self.pending_bytes + size > self.target_bytes:
+            self.flush()
+        self.pending.append(sample)
+        self.pending_bytes += size
+
+    def flush(self) -> ShardInfo | None:
+        if not self.pending:
+            return None
+        data = tar_bytes(self.pending)
+        name = f"{self.prefix}-{self.index:06d}.tar"
+        storage.atomic_write_bytes(storage.join(self.out_dir, name), data)
+        info = ShardInfo(
+            name=name,
+            split=self.split,
+            samples=len(self.pending),
+            frames=int(sum(s["json"].get("num_frames", 0) for s in self.pending)),
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        self.shards.append(info)
+        self.index += 1
+        self.pending, self.pending_bytes = [], 0
+        return info
+
+    def close(self) -> list[ShardInfo]:
+        self.flush()
+        return self.shards
+
+
+def write_manifest(out_dir: str, shards: list[ShardInfo], features: dict[str, Any],
+                   stats: dict[str, Any], **extra: Any) -> str:
+    """Write ``manifest.json`` (last, atomically). ``features``: name -> {shape, dtype,
+    extractor, version, config_hash}; ``stats``: name -> {mean, std} for normalisation."""
+    manifest = {
+        "format_version": SHARD_FORMAT_VERSION,
+        "shards": [asdict(s) for s in sorted(shards, key=lambda s: s.name)],
+        "num_samples": sum(s.samples for s in shards),
+        "num_frames": sum(s.frames for s in shards),
+        "features": features,
+        "stats": stats,
+        **extra,
+    }
+    path = storage.join(out_dir, MANIFEST_NAME)
+    storage.atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True, default=_json_default))
+    return path
+
+
+def load_manifest(path: str) -> dict[str, Any]:
+    """Read a manifest (local path or fsspec URL); shard URLs are resolved next to it."""
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found (run `just preprocess` first)") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: shard format {manifest.get('format_version')} but this code reads "
+            f"{SHARD_FORMAT_VERSION}; re-run preprocessing"
+        )
+    base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
+    for s in manifest["shards"]:
+        s["url"] = storage.join(base, s["name"])
+    return manifest
+
+
+def verify_shards(manifest: dict[str, Any]) -> None:
+    """Check every shard's sha256 and member names; raise :class:`ManifestError` naming the shard."""
+    for s in manifest["shards"]:
+        data = storage.read_bytes(s["url"])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != s["sha256"]:
+            raise ManifestError(
+                f"{s['url']}: sha256 {digest[:12]}... does not match the manifest "
+                f"({s['sha256'][:12]}...); the shard is corrupt or was replaced"
+            )
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for m in tar.getmembers():
+                check_member_name(m.name, s["url"])
+
+
+def check_member_name(name: str, where: str = "") -> None:
+    """Reject tar members that could escape a directory or are not regular sample files."""
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise ManifestError(f"{where}: unsafe tar member {name!r} (absolute path or '..')")
+    if name.endswith((".pyd", ".pickle", ".pkl", ".pth", ".pt")):
+        raise ManifestError(f"{where}: tar member {name!r} is a pickle format; shards hold no pickle")

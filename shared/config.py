@@ -288,7 +288,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices and str(value) not in [str(c) for c in choices]:
-            raise ConfigError(f"bad value for '{key}': {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"bad value for {key}: {value!r} is not one of {list(choices)}")
         return next(c for c in choices if str(c) == str(value))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -300,7 +300,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"bad value for '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"bad value for {key}: expected a list, got {value!r}")
         return [_coerce(key, v, item_tp) for v in value]
     if tp is bool:
         if isinstance(value, bool):
@@ -310,10 +310,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return True
         if s in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"bad value for '{key}': expected true/false, got {value!r}")
+        raise ConfigError(f"bad value for {key}: expected true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"bad value for '{key}': expected {tp.__name__}, got {value!r}")
+            raise ConfigError(f"bad value for {key}: expected {tp.__name__}, got {value!r}")
         try:
             if tp is int:
                 f = float(value)
@@ -323,11 +323,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"bad value for '{key}': expected {tp.__name__}, got {value!r}"
+                f"bad value for {key}: expected {tp.__name__}, got {value!r}"
             ) from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"bad value for '{key}': expected a string, got {value!r}")
+            raise ConfigError(f"bad value for {key}: expected a string, got {value!r}")
         return str(value)
     return value
 
@@ -352,7 +352,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
         overrides = pairs
     for key, value in overrides.items():
         path, tp = _resolve_key(type(cfg), key)
-        _set_path(cfg, path, _coerce(key, value, tp))
+        label = key if path == key else f"{key} ({path})"  # name what was typed and the field
+        _set_path(cfg, path, _coerce(label, value, tp))
     return cfg
 
 
@@ -401,7 +402,10 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
         obj = default
         for p in path.split("."):
             obj = getattr(obj, p)
-        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        if get_origin(tp) is Literal:
+            name = "|".join(str(a) for a in get_args(tp))
+        else:
+            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         rows.append((path, name, obj))
     return rows
 

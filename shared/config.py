@@ -173,6 +173,18 @@ class TrainConfig:
     min_ref_gap: int = 12  # stage B: reference and target frames at least this many frames apart
     condition_dropout: float = 0.1
     scheduled_sampling_fraction: float = 0.2  # last 20% of stage B moves gt pose -> M2P pose
+    # -- video model (stages B and C)
+    face_tokens: int = 4  # ID adapter: face tokens appended to the CLIP token
+    face_mask_weight: float = 3.0  # L_id (latent form): error weight inside the face mask
+    id_loss_form: Literal["latent", "arcface"] = "latent"  # arcface: needs arcface_weights + VAE
+    arcface_weights: str = ""  # safetensors of the torch ArcFace (id_loss_form=arcface)
+    arcface_max_sigma: float = 1.0  # ArcFace L_id only on samples at or below this noise level
+    edm_p_mean: float = 0.7  # log-normal training sigmas (SVD fine-tuning values)
+    edm_p_std: float = 1.6
+    svd_fps: int = 7  # SVD micro-conditioning (added_time_ids); generation must use the same
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    stage_c_m2p_mix: float = 1.0  # stage C pose/face guidance: 1 = M2PEncoder, 0 = ground truth
     # -- data loading
     data: str = "data/manifest.json"
     num_workers: int = 2

@@ -55,9 +55,9 @@ FREEZE_MATRIX: tuple[GroupRule, ...] = (
         "B": DELAYED("m2p_lr_stage_b", "m2p_unfreeze_fraction_b"),
         "C": OPTIONAL("m2p_lr_stage_c"),
     }, "M2PEncoder: music + face -> pose heatmaps, face embedding"),
-    # The face tokens' own key/value projections live in the UNet's attention processors; they
-    # belong to the ID adapter, so this rule comes before the UNet rules.
-    GroupRule("id_adapter", r"^id_adapter\.|(^|\.)face_(to_k|to_v)\b|\.id_proc", {
+    # The face tokens' own key/value projections (id_adapter.face_kv.<i>.face_to_k/face_to_v) are
+    # parameters of the ID adapter; the UNet's attention processors only hold references to them.
+    GroupRule("id_adapter", r"^id_adapter\.", {
         "A": UNUSED, "B": TRAIN("stage_b_lr"), "C": FROZEN,
     }, "perceiver 512-d -> N face tokens, plus face K/V in the UNet's cross-attention"),
     GroupRule("pose_guider", r"^pose_guider\.", {
@@ -69,6 +69,12 @@ FREEZE_MATRIX: tuple[GroupRule, ...] = (
     GroupRule("unet_spatial", r"^unet\.", {
         "A": UNUSED, "B": TRAIN("stage_b_lr"), "C": FROZEN,
     }, "everything else of the denoising UNet"),
+    # The ReferenceNet runs the reference frame as a one-frame clip: its temporal layers only ever
+    # see one frame and its output head feeds nothing, so both stay at SVD's weights.
+    GroupRule("reference_net_frozen",
+              r"^reference_net\.(.*(temporal|time_mixer|time_pos_embed)|conv_norm_out\.|conv_out\.)", {
+                  "A": UNUSED, "B": FROZEN, "C": FROZEN,
+              }, "ReferenceNet temporal layers and output head (kept from SVD)"),
     GroupRule("reference_net", r"^reference_net\.", {
         "A": UNUSED, "B": TRAIN("stage_b_lr"), "C": FROZEN,
     }, "CHAMP ReferenceNet: spatial self-attention features of the reference latent"),

@@ -1,0 +1,318 @@
+"""WebDataset pipelines over the shards of a manifest (open_clip style), with an exact data position.
+
+Training stream (:class:`TrainLoader`): shard list -> per-pass deterministic shard shuffle (seed,
+epoch, pass), or resampling with replacement -> split by node and worker (by shard when there are
+enough shards, else by sample index) -> tar members (fsspec opener, member names checked) ->
+deterministic sample shuffle buffer -> view (window cutting, seeded per item) -> batches of
+``batch_size`` built inside the worker (one T per batch). Decoding knows only ``.npy``
+(``allow_pickle=False``) and ``.json``.
+
+Epochs have a fixed length in batches (``epoch_samples`` or the split's sample count, rounded up
+to a multiple of the worker count); every worker yields exactly its share and its stream never
+runs dry (it starts another pass), so the DataLoader's round-robin order is strict.
+
+Data position: (epoch, batches handed out in the epoch). On resume, physical worker ``p`` plays
+logical worker ``(p + K) % n`` (K = batches already consumed) and skips the batches that logical
+worker had produced; the skip reads tar members and the small ``.json`` only, never the arrays.
+The batch order after resume is the same as without the interruption, whatever ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from dwm.shared import storage
+from dwm.shared.shards import ManifestError, check_member_name, load_manifest
+
+from .views import View, collate, sample_meta
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# raw samples from shards
+# ---------------------------------------------------------------------------------------------
+def split_urls(manifest: dict[str, Any], split: str) -> list[str]:
+    return [s["url"] for s in manifest["shards"] if split in ("all", s["split"])]
+
+
+def split_samples(manifest: dict[str, Any], split: str) -> int:
+    return sum(int(s["samples"]) for s in manifest["shards"] if split in ("all", s["split"]))
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as dicts of raw bytes: ``{"__key__", "__url__", "json",
+    "<name>.npy", ...}``. Opened through fsspec (local paths, file://, memory://, s3://, ...)."""
+    def safe(fname: str) -> bool:
+        check_member_name(fname, url)  # raises ManifestError for unsafe names
+        return True
+
+    fs, path = storage.fs_and_path(url)
+    try:
+        fh = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: shard listed in the manifest is missing") from None
+    with fh:
+        files = tariterators.tar_file_iterator(fh, select_files=safe)
+        files = ({**f, "__url__": url} for f in files)
+        yield from tariterators.group_by_keys(files)
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random("-".join(str(p) for p in parts))  # str seeds are hashed stably (sha512)
+
+
+def shuffle_buffer(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Deterministic shuffle buffer (same input + same rng -> same order)."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass
+class StreamSpec:
+    urls: list[str]
+    seed: int = 0
+    resampled: bool = False
+    shuffle_buffer: int = 64
+    shuffle_shards: bool = True
+
+
+def worker_stream(spec: StreamSpec, epoch: int, wid: int, total: int,
+                  infinite: bool = True) -> Iterator[dict[str, Any]]:
+    """Raw samples seen by global worker ``wid`` of ``total`` in ``epoch``; disjoint across
+    workers within a pass. Infinite: passes repeat (pass counter in the seed)."""
+    urls = list(spec.urls)
+    if not urls:
+        raise ManifestError("no shards to read for this split")
+    for pass_ in range(10**9):
+        got = 0
+        if spec.resampled:  # open_clip's ResampledShards: draws with replacement, never ends
+            rng = _rng(spec.seed, epoch, "resample", wid, pass_)
+            shards = (rng.choice(urls) for _ in iter(int, 1))
+            stream = (s for url in shards for s in iter_tar_samples(url))
+        else:
+            order = list(urls)
+            if spec.shuffle_shards:
+                _rng(spec.seed, epoch, "shards", pass_).shuffle(order)
+            if len(order) >= total:
+                stream = (s for url in order[wid::total] for s in iter_tar_samples(url))
+            else:  # fewer shards than workers: everyone reads all, keeps every total-th sample
+                stream = (s for i, s in enumerate(x for url in order for x in iter_tar_samples(url))
+                          if i % total == wid)
+        buf_rng = _rng(spec.seed, epoch, "samples", wid, pass_)
+        for s in shuffle_buffer(stream, spec.shuffle_buffer, buf_rng):
+            got += 1
+            yield s
+        if got == 0:
+            raise ManifestError(
+                f"worker {wid}/{total} got no samples from {len(urls)} shard(s) in a full pass"
+            )
+        if not infinite:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# the training dataset (one epoch, from a start position)
+# ---------------------------------------------------------------------------------------------
+class EpochDataset(IterableDataset):
+    """Yields the batches ``start_batch..batches_per_epoch-1`` of one epoch, on this rank."""
+
+    def __init__(self, spec: StreamSpec, view: View, batch_size: int, epoch: int,
+                 batches_per_epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                 batch_offset: int = 0, length_fn: Callable[[int], int | None] | None = None,
+                 max_rejects: int = 10000):
+        self.max_rejects = int(max_rejects)
+        self.spec, self.view, self.batch_size = spec, view, int(batch_size)
+        self.epoch, self.batches_per_epoch = int(epoch), int(batches_per_epoch)
+        self.start_batch, self.rank, self.world_size = int(start_batch), int(rank), int(world_size)
+        self.batch_offset = int(batch_offset)  # global batch index of this epoch's batch 0
+        self.length_fn = length_fn
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        n, phys = (info.num_workers, info.id) if info is not None else (1, 0)
+        if self.batches_per_epoch % n:
+            raise ValueError(f"batches_per_epoch={self.batches_per_epoch} is not a multiple of "
+                             f"num_workers={n}")
+        K = self.start_batch
+        logical = (phys + K) % n  # rotation keeps the round-robin order exact after a resume
+        done = K // n + (1 if logical < K % n else 0)
+        per_worker = self.batches_per_epoch // n
+        wid, total = self.rank * n + logical, self.world_size * n
+        stream = worker_stream(self.spec, self.epoch, wid, total)
+        item_index = 0
+        for j in range(per_worker):
+            global_batch = self.batch_offset + j * n + logical
+            length = self.length_fn(global_batch) if self.length_fn is not None else None
+            items = []
+            rejected = 0
+            while len(items) < self.batch_size:
+                raw = next(stream)
+                if rejected > self.max_rejects:
+                    raise ManifestError(
+                        f"view {self.view.name}: no usable sample in {rejected} samples in a row "
+                        f"(e.g. stage A needs samples with has_audio=true)")
+                try:
+                    meta = sample_meta(raw)
+                except Exception as e:  # unreadable json: say which, keep going
+                    log.warning("skipping sample: %s", e)
+                    continue
+                if not self.view.accepts(meta):
+                    rejected += 1
+                    continue
+                rejected = 0
+                idx = item_index
+                item_index += 1
+                if j < done:  # resume: count it, do not decode it
+                    items.append(None)
+                    continue
+                rng = np.random.default_rng([self.spec.seed, self.epoch, wid, idx])
+                try:
+                    items.append(self.view.make_item(raw, rng, length))
+                except (ManifestError, MemoryError):
+                    raise
+                except Exception as e:  # a broken sample is named and skipped, never stops training
+                    # (its index stays consumed; a resume across it can shift by one item)
+                    log.warning("skipping sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), e)
+            if j < done:
+                continue
+            batch = collate(items)
+            if length is not None:
+                batch["seq_len"] = int(length)
+            yield batch
+
+
+@dataclass
+class DataPosition:
+    """Where the training stream is: saved with every checkpoint, restored exactly."""
+
+    epoch: int = 0
+    batch: int = 0  # batches handed to the training loop in this epoch
+    seed: int = 0
+    batches_per_epoch: int = 0
+    num_workers: int = 0  # informational: the position is exact for any worker count
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _round_up(x: int, m: int) -> int:
+    return int(math.ceil(x / m) * m)
+
+
+class TrainLoader:
+    """Endless iterator of training batches over epochs, with :meth:`state_dict` /
+    :meth:`load_state_dict` for an exact data position."""
+
+    def __init__(self, manifest: dict[str, Any] | str, view: View, batch_size: int, *,
+                 split: str = "train", seed: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int = 2, resampled: bool = False,
+                 epoch_samples: int = 0, shuffle_buffer: int = 64, rank: int = 0,
+                 world_size: int = 1, length_fn: Callable[[int], int | None] | None = None):
+        if isinstance(manifest, str):
+            manifest = load_manifest(manifest)
+        urls = split_urls(manifest, split)
+        if not urls:
+            raise ManifestError(f"the manifest lists no shards of split {split!r}")
+        self.spec = StreamSpec(urls, seed=seed, resampled=resampled, shuffle_buffer=shuffle_buffer)
+        self.view, self.batch_size = view, int(batch_size)
+        self.num_workers = max(0, int(num_workers))
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.prefetch_factor = prefetch_factor
+        self.rank, self.world_size = rank, world_size
+        self.length_fn = length_fn
+        self.split_size = split_samples(manifest, split)
+        samples = int(epoch_samples) or self.split_size
+        per_rank = max(1, samples // (self.batch_size * world_size))
+        self.position = DataPosition(seed=seed, num_workers=self.num_workers,
+                                     batches_per_epoch=_round_up(per_rank, max(1, self.num_workers)))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.position.batches_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state.get("seed", self.position.seed)) != self.position.seed:
+            log.warning("data seed changed from %s to %s on resume: the data order differs",
+                        state.get("seed"), self.position.seed)
+        if int(state.get("batches_per_epoch", self.batches_per_epoch)) != self.batches_per_epoch:
+            raise ValueError(
+                f"cannot restore the data position: the epoch had {state['batches_per_epoch']} "
+                f"batches, now {self.batches_per_epoch} (batch size, workers or data changed)"
+            )
+        self.position.epoch, self.position.batch = int(state["epoch"]), int(state["batch"])
+
+    def _epoch_loader(self) -> DataLoader:
+        pos = self.position
+        ds = EpochDataset(self.spec, self.view, self.batch_size, pos.epoch, pos.batches_per_epoch,
+                          start_batch=pos.batch, rank=self.rank, world_size=self.world_size,
+                          batch_offset=pos.epoch * pos.batches_per_epoch, length_fn=self.length_fn,
+                          max_rejects=3 * self.split_size + self.spec.shuffle_buffer + 16)
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kw["prefetch_factor"] = self.prefetch_factor
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, **kw)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.position.batch >= self.batches_per_epoch:
+                self.position.epoch += 1
+                self.position.batch = 0
+            for batch in self._epoch_loader():
+                self.position.batch += 1
+                yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: one ordered pass, no shuffling
+# ---------------------------------------------------------------------------------------------
+def eval_batches(manifest: dict[str, Any] | str, view: View, batch_size: int, *,
+                 split: str = "val", max_batches: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """Batches of one ordered pass over ``split`` (falls back to train with a warning when the
+    manifest has no such split). The same call always returns the same batches."""
+    if isinstance(manifest, str):
+        manifest = load_manifest(manifest)
+    urls = split_urls(manifest, split)
+    if not urls and split != "train":
+        log.warning("the manifest has no %r shards: validating on the train split", split)
+        urls = split_urls(manifest, "train")
+    batches, items, idx = [], [], 0
+    for url in urls:
+        for raw in iter_tar_samples(url):
+            if not view.accepts(sample_meta(raw)):
+                continue
+            items.append(view.make_item(raw, np.random.default_rng([seed, idx])))
+            idx += 1
+            if len(items) == batch_size:
+                batches.append(collate(items))
+                items = []
+                if max_batches and len(batches) >= max_batches:
+                    return batches
+    if items:
+        batches.append(collate(items))
+    return batches

@@ -1,0 +1,148 @@
+"""The feature cache: one Zarr v3 hierarchy, content-addressed.
+
+Layout (readable with plain ``zarr.open_group(<cache>)``; every level has group attributes)::
+
+    <cache>/                                 group  {format_version}
+      <video sha256>/                        group  {sources: [...]}
+        <extractor>-<key>/                   group  {name, version, config, inputs, key, ...}
+          <array>                            array  attrs: {doc}
+
+``key`` is a hash of (extractor name, version, config, keys of its inputs), so a change of the
+VAE changes the latents' key only, an unchanged input finds every key present, and the same bytes
+under two names (or in two datasets sharing a cache) are computed once. An entry is written under
+``.tmp-<extractor>-<key>-<uuid>`` and renamed when complete, so a reader never sees half of one;
+leftovers of a killed run are removed with :func:`dwm.shared.storage.remove_temporaries`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs as zc
+from zarr.storage import LocalStore
+
+from dwm.shared.contract import CACHE_FORMAT_VERSION
+from dwm.shared.storage import TMP_MARK
+
+
+def entry_key(name: str, version: str, config: Any, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"name": name, "version": version, "config": config, "inputs": inputs},
+                      sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """Content hash of arrays: downstream keys depend on *values* (e.g. the crop boxes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _compressors(level: int = 3) -> list:
+    return [zc.ZstdCodec(level=level)]
+
+
+class EntryWriter:
+    """Arrays of one extractor result under a temporary name; :meth:`commit` renames it."""
+
+    def __init__(self, cache: FeatureCache, video_hash: str, name: str, key: str,
+                 attrs: dict[str, Any]):
+        self.final = cache.entry_path(video_hash, name, key)
+        parent = os.path.dirname(self.final)
+        cache.ensure_video_group(video_hash)
+        self.tmp = os.path.join(parent, f"{TMP_MARK}{name}-{key}-{uuid.uuid4().hex[:8]}")
+        self.group = zarr.open_group(store=LocalStore(self.tmp), mode="w",
+                                     attributes={**attrs, "complete": False})
+        self.attrs = attrs
+        self.arrays: dict[str, zarr.Array] = {}
+
+    def create(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...] | None = None,
+               doc: str = "", **attrs: Any) -> zarr.Array:
+        shape = tuple(int(s) for s in shape)
+        if chunks is None:
+            chunks = shape if shape else ()
+        chunks = tuple(max(1, min(int(c), max(1, s))) for c, s in zip(chunks, shape))
+        arr = self.group.create_array(name, shape=shape, chunks=chunks or None, dtype=np.dtype(dtype),
+                                      compressors=_compressors(), fill_value=0,
+                                      attributes={"doc": doc, **attrs})
+        self.arrays[name] = arr
+        return arr
+
+    def put(self, name: str, data: np.ndarray, doc: str = "", chunks=None, **attrs: Any) -> None:
+        data = np.asarray(data)
+        arr = self.create(name, data.shape, data.dtype, chunks or data.shape, doc, **attrs)
+        if data.size:
+            arr[...] = data
+
+    def commit(self, **attrs: Any) -> str:
+        self.group.attrs.update({**attrs, "complete": True})
+        if os.path.exists(self.final):  # a concurrent writer won; its result is the same
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class FeatureCache:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        if not os.path.exists(os.path.join(self.root, "zarr.json")):
+            zarr.open_group(store=LocalStore(self.root), mode="a",
+                            attributes={"format_version": CACHE_FORMAT_VERSION,
+                                        "doc": "dwm feature cache: <video sha256>/<extractor>-<key>"})
+
+    def video_dir(self, video_hash: str) -> str:
+        return os.path.join(self.root, video_hash)
+
+    def entry_path(self, video_hash: str, name: str, key: str) -> str:
+        return os.path.join(self.video_dir(video_hash), f"{name}-{key}")
+
+    def ensure_video_group(self, video_hash: str) -> None:
+        d = self.video_dir(video_hash)
+        if not os.path.exists(os.path.join(d, "zarr.json")):
+            zarr.open_group(store=LocalStore(d), mode="a", attributes={"video_hash": video_hash})
+
+    def has(self, video_hash: str, name: str, key: str) -> bool:
+        meta = os.path.join(self.entry_path(video_hash, name, key), "zarr.json")
+        if not os.path.exists(meta):
+            return False
+        try:
+            with open(meta) as fh:
+                return bool(json.load(fh).get("attributes", {}).get("complete"))
+        except (OSError, ValueError):
+            return False
+
+    def open(self, video_hash: str, name: str, key: str) -> zarr.Group:
+        return zarr.open_group(store=LocalStore(self.entry_path(video_hash, name, key), read_only=True),
+                               mode="r")
+
+    def writer(self, video_hash: str, name: str, key: str, attrs: dict[str, Any]) -> EntryWriter:
+        return EntryWriter(self, video_hash, name, key, attrs)
+
+    def add_source(self, video_hash: str, source: str) -> None:
+        """Remember the file names this content was seen under (informational)."""
+        self.ensure_video_group(video_hash)
+        g = zarr.open_group(store=LocalStore(self.video_dir(video_hash)), mode="a")
+        sources = list(g.attrs.get("sources", []))
+        if source not in sources:
+            g.attrs["sources"] = sorted([*sources, source])[:64]
+
+    def size_bytes(self) -> int:
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        return total

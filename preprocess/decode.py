@@ -1,0 +1,155 @@
+"""Sequential, chunked decoding with frame-rate resampling and aspect-kept resize + crop.
+
+* decord's ``width``/``height`` resize stretches, so we ask it for an *aspect-kept* size that
+  covers the target (``decode_size``) and crop the target out of that (``crop``).
+* Frames are read in ascending order, one segment at a time (random seeks are slow: a clip may
+  have only a couple of keyframes), so memory is bounded by one segment.
+* Resampling to the configured fps picks, for output frame i at time i / fps, the source frame
+  shown at that time (repeats when upsampling, skips when downsampling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dwm.shared.config import DecodeConfig
+
+from .probe import ProbeInfo
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    """How one video becomes frames: sizes, resampling and segments (pure function of probe+cfg)."""
+
+    fps: float
+    num_frames: int  # resampled frames kept (all kept segments)
+    decode_width: int  # aspect-kept size decord resizes to (display orientation)
+    decode_height: int
+    width: int  # crop = output size
+    height: int
+    scale: float  # decode pixels per original pixel
+    segments: list[tuple[int, int]]  # (start, length) in resampled frames
+    dropped_tail: int  # frames of a too-short tail segment, dropped
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_size(orig_w: int, orig_h: int, width: int, height: int) -> tuple[int, int, float]:
+    """Smallest aspect-kept size that covers (width, height); never stretches."""
+    scale = max(width / orig_w, height / orig_h)
+    dw = max(width, int(math.ceil(orig_w * scale - 1e-6)))
+    dh = max(height, int(math.ceil(orig_h * scale - 1e-6)))
+    return dw, dh, scale
+
+
+def resampled_count(src_frames: int, src_fps: float, fps: float, max_seconds: float = 0) -> int:
+    n = int(math.floor(src_frames * fps / src_fps + 1e-6))
+    if max_seconds and max_seconds > 0:
+        n = min(n, int(math.floor(max_seconds * fps + 1e-6)))
+    return n
+
+
+def source_indices(start: int, length: int, src_fps: float, fps: float, src_frames: int) -> np.ndarray:
+    """Source frame shown at time i / fps for resampled frames i in [start, start+length)."""
+    i = np.arange(start, start + length, dtype=np.float64)
+    idx = np.floor(i * src_fps / fps + 1e-6).astype(np.int64)
+    return np.clip(idx, 0, src_frames - 1)
+
+
+def make_plan(probe: ProbeInfo, cfg: DecodeConfig) -> Plan:
+    """Raise :class:`ValueError` with a reason when the video is too short to use."""
+    n = resampled_count(probe.num_frames, probe.orig_fps, cfg.fps, getattr(cfg, "max_seconds", 0))
+    seg = max(1, int(cfg.segment_frames))
+    segments = [(s, min(seg, n - s)) for s in range(0, n, seg)]
+    dropped = 0
+    if segments and segments[-1][1] < cfg.min_frames:
+        dropped = segments[-1][1]
+        segments = segments[:-1]
+    if not segments:
+        raise ValueError(f"too few frames: {n} at {cfg.fps:g} fps, need at least {cfg.min_frames}")
+    dw, dh, scale = decode_size(probe.orig_width, probe.orig_height, cfg.width, cfg.height)
+    return Plan(
+        fps=float(cfg.fps),
+        num_frames=sum(length for _, length in segments),
+        decode_width=dw,
+        decode_height=dh,
+        width=int(cfg.width),
+        height=int(cfg.height),
+        scale=scale,
+        segments=segments,
+        dropped_tail=dropped,
+    )
+
+
+def centre_crop_box(plan: Plan) -> tuple[int, int]:
+    return (plan.decode_width - plan.width) // 2, (plan.decode_height - plan.height) // 2
+
+
+def crop(frames: np.ndarray, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+    return np.ascontiguousarray(frames[:, y0 : y0 + height, x0 : x0 + width])
+
+
+class SegmentReader:
+    """Decode the plan's segments in order at the decode size (display orientation, RGB uint8)."""
+
+    def __init__(self, path: str, probe: ProbeInfo, plan: Plan, chunk: int = 32, threads: int = 0):
+        import decord
+
+        self.path, self.probe, self.plan, self.chunk = path, probe, plan, max(1, chunk)
+        w, h = plan.decode_width, plan.decode_height
+        if probe.rotation in (90, 270):  # decord decodes in the coded orientation
+            w, h = h, w
+        try:
+            self.vr = decord.VideoReader(path, width=w, height=h, num_threads=threads)
+        except Exception as e:
+            raise DecodeError(f"{path}: decord cannot open it ({str(e).strip()[:200]})") from None
+        self.src_frames = min(len(self.vr), probe.num_frames)
+        self.frames_decoded = 0
+
+    def _rotate(self, frames: np.ndarray) -> np.ndarray:
+        r = self.probe.rotation
+        if r == 90:
+            return np.ascontiguousarray(np.rot90(frames, k=-1, axes=(1, 2)))
+        if r == 180:
+            return np.ascontiguousarray(frames[:, ::-1, ::-1])
+        if r == 270:
+            return np.ascontiguousarray(np.rot90(frames, k=1, axes=(1, 2)))
+        return frames
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Resampled frames [start, start+length) as (T, decode_h, decode_w, 3) uint8."""
+        idx = source_indices(start, length, self.probe.orig_fps, self.plan.fps, self.src_frames)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        parts = []
+        for c in range(0, len(uniq), self.chunk):
+            want = uniq[c : c + self.chunk].tolist()
+            try:
+                parts.append(self.vr.get_batch(want).asnumpy())
+            except Exception as e:
+                raise DecodeError(
+                    f"{self.path}: decode failed at source frame {want[0]} "
+                    f"(truncated or corrupt: {str(e).strip()[:160]})") from None
+        frames = np.concatenate(parts, axis=0)[inverse]
+        frames = self._rotate(frames)
+        exp = (length, self.plan.decode_height, self.plan.decode_width, 3)
+        if frames.shape != exp:
+            raise DecodeError(f"{self.path}: decoded shape {frames.shape}, expected {exp}")
+        self.frames_decoded += len(uniq)
+        return frames
+
+    def segments(self) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(segment index, start, length, frames) for every kept segment, in order."""
+        for si, (start, length) in enumerate(self.plan.segments):
+            yield si, start, length, self.read(start, length)
+
+    def close(self) -> None:
+        self.vr = None

@@ -1,0 +1,153 @@
+"""Is this file a dance video? Judged by content (ffprobe + decord), never by its name.
+
+A file counts as a video when ffprobe finds a real video stream (not cover art: an ``attached_pic``
+mjpeg stream in an .ogg/.mp3 is a picture, not a video), the stream has more than one frame, and
+decord can open it and read its first frame. Everything else gets a one-line reason that names the
+file. The probe also records what the shards' metadata needs: original fps, size, rotation, and
+whether there is an audio track.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+PROBE_VERSION = "1"
+
+# Codecs that hold still pictures; a single-frame stream of these is an image, not a video.
+_IMAGE_CODECS = {"png", "mjpeg", "bmp", "gif", "webp", "tiff", "jpeg2000", "ppm", "pgm", "pam"}
+
+
+class NotAVideo(Exception):
+    """The file is not usable as a video; ``status`` is "skipped" (not a video) or "failed"."""
+
+    def __init__(self, reason: str, status: str = "skipped"):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class ProbeInfo:
+    orig_fps: float
+    orig_width: int  # display orientation (after rotation)
+    orig_height: int
+    rotation: int  # degrees clockwise to turn the decoded frame for display: 0, 90, 180, 270
+    num_frames: int  # decodable source frames (decord's count)
+    duration: float  # seconds of video
+    has_audio: bool
+    video_codec: str
+    audio_codec: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProbeInfo:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def _ffprobe(path: str) -> dict:
+    exe = shutil.which("ffprobe")
+    if exe is None:
+        raise RuntimeError("ffprobe not found on PATH (Debian/Ubuntu: apt-get install ffmpeg)")
+    cmd = [exe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", path]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise NotAVideo(f"{path}: ffprobe timed out (corrupt file?)", "failed") from None
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unreadable"
+        raise NotAVideo(f"{path}: not a readable media file ({msg})")
+    return json.loads(res.stdout or "{}")
+
+
+def _rate(s: str | None) -> float:
+    try:
+        f = Fraction(s) if s else Fraction(0)
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+    return float(f)
+
+
+def rotation_of(stream: dict) -> int:
+    """Clockwise display rotation. The display matrix's angle is counter-clockwise (-90 on a
+    phone video means: turn 90 degrees clockwise to show it); the old ``rotate`` tag is clockwise."""
+    for side in stream.get("side_data_list") or []:
+        if "rotation" in side:
+            return int(round(-float(side["rotation"]))) % 360
+    tag = (stream.get("tags") or {}).get("rotate")
+    return int(round(float(tag))) % 360 if tag else 0
+
+
+def _is_real_video(s: dict) -> bool:
+    if s.get("codec_type") != "video":
+        return False
+    disp = s.get("disposition") or {}
+    if disp.get("attached_pic") or disp.get("still_image"):
+        return False
+    nb = s.get("nb_frames")
+    if s.get("codec_name") in _IMAGE_CODECS and nb is not None and str(nb).isdigit() and int(nb) <= 1:
+        return False
+    return True
+
+
+def probe_file(path: str) -> ProbeInfo:
+    """Probe one file; raise :class:`NotAVideo` with the reason when it is not a usable video."""
+    if not os.path.isfile(path):
+        raise NotAVideo(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise NotAVideo(f"{path}: empty file (0 bytes)", "failed")
+    info = _ffprobe(path)
+    streams = info.get("streams") or []
+    videos = [s for s in streams if _is_real_video(s)]
+    audios = [s for s in streams if s.get("codec_type") == "audio"]
+    if not videos:
+        if any(s.get("codec_type") == "video" for s in streams) and audios:
+            raise NotAVideo(f"{path}: audio with cover art only (its picture stream is not a video)")
+        if audios:
+            raise NotAVideo(f"{path}: audio-only file (no video stream)")
+        if any(s.get("codec_type") == "video" for s in streams):
+            raise NotAVideo(f"{path}: a still image, not a video")
+        raise NotAVideo(f"{path}: no video stream")
+    vs = sorted(videos, key=lambda s: -int((s.get("disposition") or {}).get("default", 0)))[0]
+    rotation = rotation_of(vs)
+    w, h = int(vs.get("width") or 0), int(vs.get("height") or 0)
+    if rotation in (90, 270):
+        w, h = h, w
+
+    # decord must open it: that is what decodes it later.
+    import decord
+
+    try:
+        vr = decord.VideoReader(path, num_threads=1)
+        n = len(vr)
+        fps = float(vr.get_avg_fps() or 0) or _rate(vs.get("avg_frame_rate")) or _rate(
+            vs.get("r_frame_rate"))
+        if n > 0:
+            vr[0]
+        del vr
+    except Exception as e:  # decord raises its own DECORDError / RuntimeError
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise NotAVideo(f"{path}: video stream cannot be decoded (truncated or corrupt: {msg})",
+                        "failed") from None
+    if n <= 1:
+        raise NotAVideo(f"{path}: video stream has {n} frame(s)")
+    if not fps or fps <= 0 or fps > 1000:
+        raise NotAVideo(f"{path}: video stream has no usable frame rate ({fps})", "failed")
+    fmt_dur = float((info.get("format") or {}).get("duration") or 0)
+    return ProbeInfo(
+        orig_fps=round(fps, 6),
+        orig_width=w,
+        orig_height=h,
+        rotation=rotation,
+        num_frames=int(n),
+        duration=round(n / fps if fps else fmt_dur, 6),
+        has_audio=bool(audios),
+        video_codec=str(vs.get("codec_name")),
+        audio_codec=str(audios[0].get("codec_name")) if audios else None,
+    )

@@ -275,8 +275,11 @@ class TrainLoader:
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw["prefetch_factor"] = self.prefetch_factor
+        # own generator: creating the iterator must not draw from the global torch RNG (which the
+        # checkpoint restores), or a resumed run would see different dropout than a straight one
+        gen = torch.Generator().manual_seed(self.position.seed + pos.epoch)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, **kw)
+                          pin_memory=self.pin_memory, generator=gen, **kw)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:

@@ -21,8 +21,8 @@ View A (stage A, the M2PEncoder). Samples with ``has_audio=false`` are skipped.
     face_embed      (B, 512)       float32: ArcFace embedding of that frame (face_ref_embed when
                     the frame has none)
     face_valid      (B,)           float32, 0 when the video has no usable face at all
-    meta            list of dicts: key, source, fps, segment_start (frame of the video),
-                    window_start (frame of the segment), length (real frames), ref_frame
+    meta            list of dicts: key, source, fps, width, height, segment_start (frame of the
+                    video), window_start (frame of the segment), length (real frames), ref_frame
     thumbs          (only with ``with_thumbs=True``) list of lists of JPEG bytes, one per frame
 
 View B (stage B, single frames).
@@ -182,7 +182,8 @@ def nearest_clip(feats: dict[str, np.ndarray], frame: int, dim_hint: int = 0) ->
 
 def base_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return {"key": meta.get("key"), "source": meta.get("source"), "fps": meta.get("fps"),
-            "segment_start": meta.get("start_frame"), "video_hash": meta.get("video_hash")}
+            "segment_start": meta.get("start_frame"), "video_hash": meta.get("video_hash"),
+            "width": meta.get("width"), "height": meta.get("height")}
 
 
 # ---------------------------------------------------------------------------------------------

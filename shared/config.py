@@ -60,6 +60,7 @@ class DecodeConfig:
     height: int = 896
     segment_frames: int = 150  # one shard sample per clip segment of at most this many frames
     min_frames: int = 24  # shorter videos / tail segments are dropped with a reason
+    max_seconds: float = 0.0  # use only the first max_seconds of each video (0 = whole video)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class PoseConfig:
     heatmap_sigma: float = 1.5  # Gaussian sigma, in heatmap pixels
     min_score: float = 0.3  # keypoints below this score count as missing
     batch_size: int = 16
+    # a video whose main dancer is found in fewer frames than this is skipped ("no person")
+    min_person_fraction: float = 0.5
 
 
 @dataclass
@@ -129,6 +132,14 @@ class PreprocessConfig:
     thumbs: ThumbConfig = field(default_factory=ThumbConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    # feature cache (Zarr); empty: <out>/cache. Point two datasets at one cache to share work.
+    cache_dir: str = ""
+    # scale-out: this process handles videos i with i % world_size == rank (-1: from the env,
+    # RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0 of 1)
+    rank: int = -1
+    world_size: int = -1
+    # "run": process + shards + manifest; "merge": only combine the per-rank manifests in out
+    mode: Literal["run", "merge"] = "run"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +167,7 @@ class TrainConfig:
     id_loss_weight: float = 0.1
     temporal_loss_weight: float = 0.1
     face_loss: Literal["cosine", "l2"] = "cosine"
+    coord_loss_weight: float = 10.0  # stage A: L1 of soft-argmax coords (in [0,1]) beside heatmap CE
     # -- batching and optimisation
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -204,6 +216,7 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 3
     validation_steps: int = 500
+    validation_batches: int = 4  # val batches per validation pass (0 = the whole val split)
     log_steps: int = 10
     seed: int = 42
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -228,6 +241,10 @@ class GenerateConfig:
     pose_guidance_scale: float = 1.0
     window: int = 24  # frames per denoising window
     overlap: int = 6  # frames shared by neighbouring windows, blended
+    pose_window: int = 0  # M2PEncoder window in frames (0: the training run's audio_window)
+    pose_backend: Literal["", "dwpose", "mediapipe"] = ""  # locating the person ("": profile's)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on cuda, fp32 on cpu
+    quiet: bool = False  # no progress bars
     models: ModelsConfig = field(default_factory=ModelsConfig)
 
 
@@ -246,11 +263,21 @@ class EvalConfig:
 
 @dataclass
 class BenchConfig:
-    quick: bool = False
+    quick: bool = False  # every section tiny (few frames, 1 repeat): for tests
     out: str = "bench_out"
     video: str = ""  # default: ../shared/samples/dance_music.mp4
     repeats: int = 3
     threads: int = 2
+    # -- added by the bench (dwm.training.bench)
+    taesd: str = ""  # TAESD folder for the latents extractor; default ../shared/samples/weights/taesd
+    seconds: float = 4.0  # seconds of the video that the preprocess sections use (0 = all of it)
+    pose_backend: Literal["dwpose", "mediapipe"] = "mediapipe"  # pose extractor of section 2
+    loader_samples: int = 8  # synthetic 512x896 shard samples (150 frames each) for section 4
+    loader_batches: int = 24  # batches timed per loader repetition
+    train_steps: int = 8  # timed train steps per stage and repetition (after warm-up steps)
+    workers: int = -1  # data-loader workers of sections 4-5 (-1: the TrainConfig default)
+    sections: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5", "6"])
+    profile: bool = True  # profile (cProfile) each figure that misses its goal
 
 
 @dataclass

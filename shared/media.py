@@ -66,7 +66,8 @@ def _as_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
         raise ValueError(f"{what}: expected HxWx3 RGB, got shape {image.shape}")
     image = image[:, :, :3]
     if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating) and image.size and float(np.nanmax(image)) <= 1.0:
+        unit_range = image.size and float(np.nanmax(image)) <= 1.0
+        if np.issubdtype(image.dtype, np.floating) and unit_range:
             image = image * 255.0  # float images in [0, 1]
         image = np.clip(np.nan_to_num(image), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image)
@@ -132,9 +133,9 @@ def _label(image: np.ndarray, text: str) -> np.ndarray:
     scale = max(0.4, image.shape[1] / 640)
     thick = max(1, round(scale * 1.5))
     org = (int(6 * scale), int(22 * scale))
-    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
-                cv2.LINE_AA)  # fmt: skip
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(image, text, org, font, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)  # outline
+    cv2.putText(image, text, org, font, scale, (255, 255, 255), thick, cv2.LINE_AA)
     return image
 
 
@@ -221,9 +222,11 @@ def _fps_of(rate: str | None) -> float | None:
 
 
 def _rotation_of(stream: dict) -> int:
+    """Degrees CLOCKWISE to turn decoded frames for display (as preprocess/probe.py): the display
+    matrix angle ffprobe prints is counter-clockwise; the old ``rotate`` tag is clockwise."""
     for side in stream.get("side_data_list", []) or []:
         if "rotation" in side:
-            return int(round(float(side["rotation"]))) % 360
+            return int(round(-float(side["rotation"]))) % 360
     rot = (stream.get("tags") or {}).get("rotate")
     return int(round(float(rot))) % 360 if rot else 0
 
@@ -232,7 +235,8 @@ def probe(path: str | os.PathLike) -> dict:
     """ffprobe a file. Returns::
 
         {"path", "format", "duration" (s or None), "has_video", "has_audio",
-         "width", "height", "fps", "rotation", "num_frames"  (first real video stream, or None),
+         "width", "height", "fps", "rotation", "num_frames"  (first real video stream, or None;
+         width/height as coded; rotation = degrees clockwise to turn frames for display),
          "streams": [{"index", "codec_type", "codec_name", "duration", "fps", "width", "height",
                       "rotation", "num_frames", "sample_rate", "channels", "attached_pic"}]}
 
@@ -341,8 +345,8 @@ def write_video(
 
     * yuv420p; odd sizes are padded to even with black (one pixel right/bottom).
     * audio: any file ffmpeg reads; its first AUDIO stream is used (cover-art video streams are
-      ignored), from ``audio_start`` s, AAC. The audio is cut (or padded with silence) to exactly
-      the video's length, or to ``audio_duration`` if that is shorter.
+      ignored), from ``audio_start`` s, for at most ``audio_duration`` s, encoded as AAC. The
+      audio track is then cut, or padded with silence, to exactly the video's length.
     * Deterministic: same frames + same audio + same options -> same bytes (bitexact flags, no
       metadata, and a FIXED x264 thread count, since x264's output depends on it; keep
       ``threads`` constant when bytes must match across machines).
@@ -419,11 +423,11 @@ def write_video(
         else:
             # pass 2: copy the video, add the audio cut/padded to the exact video length.
             length = n / float(rate)
-            if audio_duration is not None:
-                length = min(length, float(audio_duration))
             cmd = [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", tmp_video]
             if audio_start:
                 cmd += ["-ss", f"{float(audio_start):.6f}"]
+            if audio_duration is not None:  # input option: cuts the audio only, not the video
+                cmd += ["-t", f"{float(audio_duration):.6f}"]
             cmd += ["-i", audio_src, "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy",
                     "-af", "apad", "-c:a", "aac", "-b:a", audio_bitrate,
                     "-t", f"{length:.6f}", *bitexact, "-f", "mp4", tmp_final]  # fmt: skip

@@ -113,37 +113,43 @@ def _tensor(name: str, shape: list) -> object:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def _content_stats(g: _Graph, x: str, pad_value: float, h: str, w: str, tol: float):
+def _content_stats(g: _Graph, x: str, pad_value: float, tol: float, pool: int = 4):
     """Extent of the non-pad content of NCHW ``x`` (batch 1) and its salient centroid.
 
-    ``h``/``w`` are float scalars (graph names). Returns graph names of scalars
+    Works on a ``pool``x``pool`` average-pooled copy (16x fewer pixels; a block that mixes pad
+    and content counts as content). Returns graph names of float scalars, in input pixels:
     x0, y0, x1, y1 (content box, exclusive right/bottom), cx_sal, cy_sal (centroid of pixels far
-    from the content's mean colour) and sal (mean distance from the mean colour, in input units).
+    from the content's mean colour), and sal (mean distance from the mean colour, input units).
     """
-    dev = g.op("Abs", g.sub(x, g.scalar(pad_value)))
+    xp = g.op("AveragePool", x, kernel_shape=[pool, pool], strides=[pool, pool])
+    shape = g.op("Shape", xp)
+    h = g.op("Cast", g.op("Squeeze", g.op("Gather", shape, g.ints(2), axis=0), g.ints(0)), to=1)
+    w = g.op("Cast", g.op("Squeeze", g.op("Gather", shape, g.ints(3), axis=0), g.ints(0)), to=1)
+    dev = g.op("Abs", g.sub(xp, g.scalar(pad_value)))
     mask = g.op("Cast", g.op("Greater", g.reduce("Max", dev, [1], 0), g.scalar(tol)),
-                to=1)  # [1,H,W] float
-    idx_x = g.op("Range", g.scalar(0.0), w, g.scalar(1.0))  # [W]
-    idx_y = g.op("Range", g.scalar(0.0), h, g.scalar(1.0))  # [H]
-    col = g.reduce("Max", mask, [1], 0)  # [1,W]: columns that hold content
-    row = g.reduce("Max", mask, [2], 0)  # [1,H]
+                to=1)  # [1,h,w] float
+    idx_x = g.op("Range", g.scalar(0.0), w, g.scalar(1.0))  # [w]
+    idx_y = g.op("Range", g.scalar(0.0), h, g.scalar(1.0))  # [h]
+    col = g.reduce("Max", mask, [1], 0)  # [1,w]: columns that hold content
+    row = g.reduce("Max", mask, [2], 0)  # [1,h]
     x1 = g.reduce("Max", g.mul(col, g.add(idx_x, g.scalar(1.0))), [0, 1], 0)
     x0 = g.sub(w, g.reduce("Max", g.mul(col, g.sub(w, idx_x)), [0, 1], 0))
     y1 = g.reduce("Max", g.mul(row, g.add(idx_y, g.scalar(1.0))), [0, 1], 0)
     y0 = g.sub(h, g.reduce("Max", g.mul(row, g.sub(h, idx_y)), [0, 1], 0))
     # mean colour of the content, then per-pixel distance from it (a crude saliency map)
-    m4 = g.op("Unsqueeze", mask, g.ints(1))  # [1,1,H,W]
+    m4 = g.op("Unsqueeze", mask, g.ints(1))  # [1,1,h,w]
     area = g.op("Max", g.reduce("Sum", m4, [0, 1, 2, 3], 0), g.scalar(1.0))
-    mean_c = g.div(g.reduce("Sum", g.mul(x, m4), [2, 3], 1), area)  # [1,3,1,1]
-    sal_map = g.mul(g.reduce("Sum", g.op("Abs", g.sub(x, mean_c)), [1], 0), mask)  # [1,H,W]
+    mean_c = g.div(g.reduce("Sum", g.mul(xp, m4), [2, 3], 1), area)  # [1,3,1,1]
+    sal_map = g.mul(g.reduce("Sum", g.op("Abs", g.sub(xp, mean_c)), [1], 0), mask)  # [1,h,w]
     sal_sum = g.add(g.reduce("Sum", sal_map, [0, 1, 2], 0), g.scalar(1e-6))
     sal = g.div(sal_sum, area)
-    # centroid of the saliency map
-    sx = g.reduce("Sum", sal_map, [1], 0)  # [1,W]
-    sy = g.reduce("Sum", sal_map, [2], 0)  # [1,H]
+    sx = g.reduce("Sum", sal_map, [1], 0)  # [1,w]
+    sy = g.reduce("Sum", sal_map, [2], 0)  # [1,h]
     cx_sal = g.div(g.reduce("Sum", g.mul(sx, g.add(idx_x, g.scalar(0.5))), [0, 1], 0), sal_sum)
     cy_sal = g.div(g.reduce("Sum", g.mul(sy, g.add(idx_y, g.scalar(0.5))), [0, 1], 0), sal_sum)
-    return x0, y0, x1, y1, cx_sal, cy_sal, sal
+    k = g.scalar(float(pool))
+    return (g.mul(x0, k), g.mul(y0, k), g.mul(x1, k), g.mul(y1, k), g.mul(cx_sal, k),
+            g.mul(cy_sal, k), sal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,15 +163,16 @@ def build_yolox(path: Path) -> Path:
         gy, gx = np.mgrid[: H // s, : W // s]
         grids.append(np.stack([gx, gy], -1).reshape(-1, 2))
         strides_col.append(np.full((grids[-1].shape[0], 1), s))
-        fire.append(np.full((grids[-1].shape[0], 1), 1.0 if s == 32 else 0.0))  # only P5 reports
+        fire.append(np.zeros((grids[-1].shape[0], 1)))
     grids = np.concatenate(grids)[None].astype(np.float32)  # [1,8400,2]
     strides_col = np.concatenate(strides_col)[None].astype(np.float32)
     fire = np.concatenate(fire)[None].astype(np.float32)
+    fire[0, -(H // 32) * (W // 32), 0] = 1.0  # one P5 anchor reports: NMS has nothing to merge
     n = grids.shape[1]
 
     g = _Graph("yolox_standin")
     x = "images"
-    x0, y0, x1, y1, cxs, cys, sal = _content_stats(g, x, 114.0, g.scalar(H), g.scalar(W), 0.5)
+    x0, y0, x1, y1, cxs, cys, sal = _content_stats(g, x, 114.0, 0.01)
     cw = g.op("Max", g.sub(x1, x0), g.scalar(1.0))
     ch = g.op("Max", g.sub(y1, y0), g.scalar(1.0))
     mid_x = g.mul(g.add(x0, x1), g.scalar(0.5))
@@ -267,8 +274,8 @@ def build_rtmpose(path: Path, seed: int = 1) -> Path:
     own = g.op("Reshape", g.mul(own, g.scalar(0.006)), g.ints(1, NUM_WHOLEBODY, 2))
     kp = g.add(g.add(g.const(tmpl[None]), moved), own)
     kp = g.op("Clip", kp, g.scalar(0.0), g.scalar(0.999))
-    conf = g.op("Sigmoid", g.add(g.const(logits[None]),
-                                 g.op("MatMul", f, g.const(rng.randn(nfeat, NUM_WHOLEBODY) * 0.05))))
+    conf_w = g.const(rng.randn(nfeat, NUM_WHOLEBODY) * 0.05)
+    conf = g.op("Sigmoid", g.add(g.const(logits[None]), g.op("MatMul", f, conf_w)))
     conf = g.op("Unsqueeze", conf, g.ints(2))  # [1,133,1]
     sigma = 4.0  # bins
 
@@ -304,10 +311,8 @@ def build_scrfd(path: Path) -> Path:
     shape = g.op("Shape", x)
     h_i = g.op("Gather", shape, g.ints(2), axis=0)  # [1] int64
     w_i = g.op("Gather", shape, g.ints(3), axis=0)
-    h = g.op("Cast", g.op("Squeeze", h_i, g.ints(0)), to=1)
-    w = g.op("Cast", g.op("Squeeze", w_i, g.ints(0)), to=1)
     # insightface pads with zeros, then normalises (x - 127.5) / 128
-    x0, y0, x1, y1, cxs, cys, sal = _content_stats(g, x, -127.5 / 128.0, h, w, 1e-3)
+    x0, y0, x1, y1, cxs, cys, sal = _content_stats(g, x, -127.5 / 128.0, 1e-4)
     cw = g.op("Max", g.sub(x1, x0), g.scalar(1.0))
     ch = g.op("Max", g.sub(y1, y0), g.scalar(1.0))
     mid_x = g.mul(g.add(x0, x1), g.scalar(0.5))

@@ -3,8 +3,8 @@ loads. Everything else in the project goes through these functions.
 
 Components (names used by :func:`ensure_available`):
 
-* ``vae``   SVD's ``AutoencoderKLTemporalDecoder`` (``<svd>/vae``), or any local/HF folder holding an
-            ``AutoencoderKL`` or ``AutoencoderTiny`` (TAESD): the class comes from config.json.
+* ``vae``   SVD's ``AutoencoderKLTemporalDecoder`` (``<svd>/vae``), or any local/HF folder
+            holding an ``AutoencoderKL`` or ``AutoencoderTiny`` (TAESD): the class comes from config.json.
 * ``clip``  ``CLIPVisionModelWithProjection`` (``<svd>/image_encoder``).
 * ``unet``  ``UNetSpatioTemporalConditionModel`` (``<svd>/unet``).
 * ``dwpose`` ONNX files ``yolox_l.onnx`` + ``dw-ll_ucoco_384.onnx`` (HF repo ``yzd-v/DWPose``)
@@ -111,19 +111,24 @@ def _file_lock(path: Path):
 # ----------------------------------------------------------------------------------------------
 # tiny profile
 # ----------------------------------------------------------------------------------------------
+_STAMP_CACHE: list[str] = []
+
+
 def _tiny_stamp() -> str:
     """Changes whenever the tiny definitions (or the libraries that serialise them) change."""
-    import diffusers
-    import onnx
-    import transformers
+    if _STAMP_CACHE:
+        return _STAMP_CACHE[0]
+    from importlib.metadata import version
 
     from . import onnx_standins, tiny_models
 
     h = hashlib.sha256()
     for mod in (tiny_models, onnx_standins):
         h.update(Path(mod.__file__).read_bytes())
-    h.update(f"{diffusers.__version__} {transformers.__version__} {onnx.__version__}".encode())
-    return f"{tiny_models.TINY_VERSION}-{h.hexdigest()[:16]}"
+    # package metadata, not imports: the ONNX-only callers need not import diffusers
+    h.update(" ".join(version(p) for p in ("diffusers", "transformers", "onnx")).encode())
+    _STAMP_CACHE.append(f"{tiny_models.TINY_VERSION}-{h.hexdigest()[:16]}")
+    return _STAMP_CACHE[0]
 
 
 def build_tiny(models_dir: str | os.PathLike) -> Path:
@@ -258,7 +263,8 @@ def component_dir(cfg: ModelsConfig, component: str, download: bool = True) -> P
             return _pick_folder(cand, default_sub, component)
     if _looks_local(spec):
         raise MissingWeightError(
-            f"missing weight: models.{'svd' if default_sub else component} folder '{spec}' does not "
+            f"missing weight: models.{'svd' if default_sub else component} folder '{spec}' "
+            f"does not "
             f"exist; point it at a folder saved with save_pretrained, or leave it empty and run "
             f"`just models` to download the default weights"
         )
@@ -568,7 +574,8 @@ def download_main(cfg: ModelsConfig) -> int:
                 _flatten_pack(dest)
             print(f"  ok  {comp}: {dest}")
         except Exception as e:  # keep going: report every failure at the end
-            failures.append(f"{comp} ({src}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            failures.append(f"{comp} ({src}): {type(e).__name__}: {first_line}")
     if failures:
         raise UserFacingError(
             "could not download: " + "; ".join(failures) + ". Needs internet; SVD is gated "

@@ -1,4 +1,4 @@
-"""Fixtures for the model registry: tiny models and stand-in ONNX files (owned by the registry work).
+"""Fixtures for the model registry: tiny models and stand-in ONNX files (registry work).
 
 ``tiny_models_cfg`` is used by every area's tests: a ModelsConfig(profile="tiny") whose tiny
 models are built once per session. Do not mutate it; use ``dataclasses.replace`` for variants.

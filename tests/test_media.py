@@ -206,3 +206,14 @@ def test_image_round_trip(tmp_path):
     assert (media.read_image(p) == img).all()
     with pytest.raises(media.MediaError, match="not a readable image"):
         media.read_image(tmp_path / "nope.png")
+
+
+def test_audio_duration_cuts_the_audio_not_the_video(tmp_path, music_ogg):
+    out = media.write_video(tmp_path / "d.mp4", _frames(24, 32, 32), fps=24, audio=music_ogg,
+                            audio_start=20.0, audio_duration=0.5)  # fmt: skip
+    info = media.probe(out)
+    assert info["num_frames"] == 24
+    assert info["streams"][1]["duration"] == pytest.approx(1.0, abs=0.05)
+    samples, sr = media.load_audio(out, sr=8000)
+    assert np.abs(samples[: sr // 3]).max() > 0.01  # music first ...
+    assert np.abs(samples[-sr // 3 :]).max() < 1e-3  # ... then silence

@@ -141,8 +141,10 @@ def stage_lrs(param_groups: list[dict[str, Any]], cfg: Any, progress: float) -> 
 
 
 def count_by_group(model: nn.Module, stage: str | None = None,
-                   rules: tuple[GroupRule, ...] = FREEZE_MATRIX) -> dict[str, dict[str, int]]:
-    """{group: {"total": n, "trainable": n}}; with ``stage``, trainable follows the table."""
+                   rules: tuple[GroupRule, ...] = FREEZE_MATRIX,
+                   cfg: Any = None) -> dict[str, dict[str, int]]:
+    """{group: {"total": n, "trainable": n}}; with ``stage``, trainable follows the table
+    (``optional`` groups count as trainable unless ``cfg`` says their LR is 0)."""
     out: dict[str, dict[str, int]] = {}
     for name, p in model.named_parameters():
         rule = group_of(name, rules)
@@ -150,6 +152,8 @@ def count_by_group(model: nn.Module, stage: str | None = None,
         row["total"] += p.numel()
         if stage is None:
             row["trainable"] += p.numel() if p.requires_grad else 0
+        elif cfg is not None:
+            row["trainable"] += p.numel() if is_trainable(rule.stages[stage], cfg) else 0
         elif rule.stages[stage].mode in ("train", "delayed", "optional"):
             row["trainable"] += p.numel()
     return out

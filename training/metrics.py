@@ -274,8 +274,9 @@ def random_beat_align_score(
     if num_beats < 1 or t < 1:
         return float("nan")
     rng = np.random.default_rng(seed)
+    n = min(num_beats, t)
     scores = [
-        beat_align_score(motion, np.sort(rng.choice(t, min(num_beats, t), replace=False)), fps, **kw)
+        beat_align_score(motion, np.sort(rng.choice(t, n, replace=False)), fps, **kw)
         for _ in range(trials)
     ]
     return float(np.nanmean(scores))

@@ -48,20 +48,23 @@ class LatentExtractor(Extractor):
         return specs
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
+        from dwm.shared import registry
+
         torch = self.torch
+        if not self.cfg.latents.store_std:
+            mean = registry.encode_latents(self.vae, batch.frames)
+            return {"mean": mean.float().cpu().numpy().astype(np.float16)}
         x = torch.from_numpy(np.ascontiguousarray(batch.frames)).permute(0, 3, 1, 2)
         x = (x.to(self.device, self.dtype) / 127.5) - 1.0
         with torch.inference_mode():
             enc = self.vae.encode(x)
-        if hasattr(enc, "latent_dist"):  # AutoencoderKL: a diagonal Gaussian
+        if hasattr(enc, "latent_dist"):  # KL VAEs: a diagonal Gaussian
             mean, std = enc.latent_dist.mean, enc.latent_dist.std
-        else:  # AutoencoderTiny: deterministic latents
-            mean, std = enc.latents, None
-        out = {"mean": mean.float().cpu().numpy().astype(np.float16)}
-        if self.cfg.latents.store_std:
-            s = torch.zeros_like(mean) if std is None else std
-            out["std"] = s.float().cpu().numpy().astype(np.float16)
-        return out
+        else:  # AutoencoderTiny: deterministic latents, std 0
+            mean = enc.latents
+            std = torch.zeros_like(mean)
+        return {"mean": mean.float().cpu().numpy().astype(np.float16),
+                "std": std.float().cpu().numpy().astype(np.float16)}
 
     def finish(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {}, {"scaling_factor": float(self.scaling_factor),

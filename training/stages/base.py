@@ -66,8 +66,12 @@ class Stage:
         """Called in the main process before each optimiser step (curriculum hooks)."""
 
     def view_options(self) -> dict[str, Any]:
-        """Extra keyword arguments for the dataset view (defaults come from the config)."""
+        """Extra keyword arguments for the training dataset view (defaults come from the config)."""
         return {}
+
+    def val_view_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for the validation view (e.g. ``with_thumbs=True`` in A)."""
+        return self.view_options()
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self, cfg: TrainConfig, init_path: str | None) -> DanceModel:

@@ -1,0 +1,336 @@
+"""One video through every extractor, into the cache. Runs in a worker process (or in-process).
+
+Order of work for a video (each step looks in the cache first, so an unchanged input is never
+decoded again):
+
+1. probe (content: is it a video? fps, size, rotation, audio?) -> the decode plan (segments);
+2. pose on the uncropped, aspect-kept frames -> the main dancer's track -> one crop per segment
+   centred on the dancer (centre crop when pose is off or finds nobody; the report says so);
+3. audio features from the audio track (no frames needed);
+4. one more sequential decode for the frame extractors that are missing (face, latents, clip,
+   thumbs), on the cropped frames, segment by segment.
+
+The keys of 4 depend on the crop boxes' *values* (and face's on the pose face points' values), so
+a pose change that leaves the crops alone does not recompute the latents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dwm.shared.config import PreprocessConfig, config_hash
+
+from . import extractors as X
+from .cache import EntryWriter, FeatureCache, array_digest, entry_key
+from .decode import DecodeError, Plan, SegmentReader, centre_crop_box, crop, make_plan
+from .extractors.audio import AudioBatch
+from .extractors.pose import choose_crop, pose_arrays, render_heatmaps, to_crop
+from .probe import PROBE_VERSION, NotAVideo, ProbeInfo, probe_file
+
+
+@dataclass
+class VideoTask:
+    path: str  # absolute path
+    rel: str  # path relative to the input folder (report, sample "source")
+    video_hash: str
+
+
+def sha256_file(path: str, chunk: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def cache_root(cfg: PreprocessConfig) -> str:
+    import os
+
+    return cfg.cache_dir or os.path.join(cfg.out, "cache")
+
+
+class VideoProcessor:
+    """Holds the extractors (and their models) of one process; :meth:`process` does one video."""
+
+    def __init__(self, cfg: PreprocessConfig, device: str | None = None):
+        self.cfg = cfg
+        self.device = device or cfg.device
+        self.cache = FeatureCache(cache_root(cfg))
+        self.extractors = X.build(cfg, self.device)
+        self.decoded_frames = 0
+
+    # -- keys -------------------------------------------------------------------------------
+    def decode_hash(self) -> str:
+        return config_hash(self.cfg.decode)
+
+    def key(self, name: str, inputs: dict[str, Any]) -> str:
+        ext = self.extractors[name]
+        return entry_key(name, ext.version, ext.config(), inputs)
+
+    def counters(self) -> dict[str, int]:
+        return {n: e.calls for n, e in self.extractors.items()}
+
+    # -- one video --------------------------------------------------------------------------
+    def process(self, task: VideoTask) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        calls0, dec0 = self.counters(), self.decoded_frames
+        row: dict[str, Any] = {"path": task.rel, "hash": task.video_hash, "status": "ok",
+                               "reason": None, "notes": [], "timings": {}}
+        try:
+            self._process(task, row)
+        except NotAVideo as e:
+            row.update(status=e.status, reason=e.reason)
+        except DecodeError as e:
+            row.update(status="failed",
+                       reason=str(e) if task.path in str(e) else f"{task.path}: {e}")
+        except Exception as e:  # never stop the run for one video; say what happened
+            tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            row.update(status="failed", reason=f"{task.path}: {type(e).__name__}: {e} ({tb})")
+        calls1 = self.counters()
+        row["extractor_calls"] = {n: calls1[n] - calls0.get(n, 0) for n in calls1}
+        row["decoded_frames"] = self.decoded_frames - dec0
+        row["timings"]["total"] = round(time.perf_counter() - t_start, 4)
+        return row
+
+    def _timed(self, row: dict, name: str, t0: float) -> None:
+        row["timings"][name] = round(row["timings"].get(name, 0.0) + time.perf_counter() - t0, 4)
+
+    def _process(self, task: VideoTask, row: dict) -> None:
+        cfg, cache, vh = self.cfg, self.cache, task.video_hash
+        # 1. probe (cached by content)
+        t0 = time.perf_counter()
+        probe_key = entry_key("probe", PROBE_VERSION, {}, {"video": vh})
+        if cache.has(vh, "probe", probe_key):
+            probe = ProbeInfo.from_dict(dict(cache.open(vh, "probe", probe_key).attrs)["probe"])
+        else:
+            probe = probe_file(task.path)
+            w = cache.writer(vh, "probe", probe_key, {"name": "probe", "version": PROBE_VERSION})
+            w.commit(probe=probe.to_dict(), source=task.rel)
+        cache.add_source(vh, task.rel)
+        self._timed(row, "probe", t0)
+        row.update(probe.to_dict())
+        try:
+            plan = make_plan(probe, cfg.decode)
+        except ValueError as e:
+            raise NotAVideo(f"{task.path}: {e}") from None
+        row.update(frames=plan.num_frames, segments=len(plan.segments), has_audio=probe.has_audio)
+        if plan.dropped_tail:
+            row["notes"].append(f"dropped a {plan.dropped_tail}-frame tail segment")
+        dhash = self.decode_hash()
+        base_inputs = {"video": vh, "decode": dhash}
+        keys: dict[str, str] = {}
+
+        # 2. pose -> crops
+        t0 = time.perf_counter()
+        if "pose" in self.extractors:
+            keys["pose"] = self.key("pose", base_inputs)
+            if not cache.has(vh, "pose", keys["pose"]):
+                self._run_pose(task, probe, plan, keys["pose"], base_inputs)
+            attrs = dict(cache.open(vh, "pose", keys["pose"]).attrs)
+            crops = [tuple(c) for c in attrs["crop_boxes"]]
+            frac = float(attrs["person_fraction"])
+            row["person_fraction"] = round(frac, 4)
+            if frac < cfg.pose.min_person_fraction:
+                raise NotAVideo(
+                    f"{task.path}: no person: the pose finds the dancer in only {frac:.0%} of "
+                    f"frames (need {cfg.pose.min_person_fraction:.0%})")
+            if attrs["centre_fallback"]:
+                row["notes"].append(
+                    f"centre crop for segment(s) {attrs['centre_fallback']}: pose found nobody")
+            face_pts_digest = attrs["face_points_digest"]
+        else:
+            x0, y0 = centre_crop_box(plan)
+            crops = [(x0, y0, x0 + plan.width, y0 + plan.height)] * len(plan.segments)
+            row["notes"].append("centre crop: pose is off")
+            face_pts_digest = "none"
+        self._timed(row, "pose", t0)
+        crop_digest = array_digest(np.asarray(crops, np.int64))
+        row["crop_boxes"] = [list(map(int, c)) for c in crops]
+
+        # 3. audio
+        t0 = time.perf_counter()
+        if "audio" in self.extractors and probe.has_audio:
+            keys["audio"] = self.key("audio", {"video": vh, "fps": plan.fps,
+                                               "frames": plan.num_frames})
+            if not cache.has(vh, "audio", keys["audio"]):
+                try:
+                    self._run_audio(task, plan, keys["audio"])
+                except Exception as e:  # a broken audio track: keep the video, without audio
+                    row["has_audio"] = False
+                    row["notes"].append(f"audio track unreadable, kept without audio: {e}")
+                    keys.pop("audio")
+        self._timed(row, "audio", t0)
+
+        # 4. frame extractors on the cropped frames
+        t0 = time.perf_counter()
+        missing = []
+        for name in X.FRAME_ORDER:
+            if name not in self.extractors:
+                continue
+            inputs = {**base_inputs, "crop": crop_digest}
+            if name == "face":
+                inputs["pose_points"] = face_pts_digest
+            keys[name] = self.key(name, inputs)
+            if not cache.has(vh, name, keys[name]):
+                missing.append((name, inputs))
+        if missing:
+            self._run_frames(task, probe, plan, crops, missing, keys)
+        self._timed(row, "features", t0)
+        row["keys"] = keys
+
+    # -- pose pass --------------------------------------------------------------------------
+    def _writer(self, vh: str, name: str, key: str, inputs: dict) -> EntryWriter:
+        ext = self.extractors[name]
+        return self.cache.writer(vh, name, key, {"name": name, "version": ext.version,
+                                                 "config": ext.config(), "inputs": inputs,
+                                                 "key": key})
+
+    def _create_arrays(self, w: EntryWriter, specs: dict[str, X.ArraySpec], n: int,
+                       seg: int) -> None:
+        for an, s in specs.items():
+            if s.per_frame:
+                w.create(an, (n, *s.tail), s.dtype, (seg, *s.tail), s.doc)
+            else:
+                w.create(an, (0, *s.tail), s.dtype, (s.chunk or 4096, *s.tail), s.doc)
+
+    def _run_pose(self, task: VideoTask, probe: ProbeInfo, plan: Plan, key: str,
+                  inputs: dict) -> None:
+        cfg, ext = self.cfg, self.extractors["pose"]
+        ds = cfg.pose.heatmap_downsample
+        h, w = plan.height // ds, plan.width // ds
+        ctx = X.VideoContext(task.video_hash, task.path, plan.num_frames, plan.fps,
+                             plan.decode_width, plan.decode_height, probe.duration)
+        ext.reset(ctx)
+        writer = self._writer(task.video_hash, "pose", key, inputs)
+        try:
+            self._create_arrays(writer, pose_arrays(len(plan.segments), h, w), plan.num_frames,
+                                cfg.decode.segment_frames)
+            reader = SegmentReader(task.path, probe, plan)
+            crops, centre_fallback, found_total = [], [], 0
+            digest = hashlib.sha256()
+            bs = max(1, ext.batch_size)
+            for si, start, length, frames in reader.segments():
+                parts = []
+                for b in range(0, length, bs):
+                    idx = np.arange(start + b, start + min(b + bs, length))
+                    parts.append(ext(X.FrameBatch(frames[b : b + bs], idx, idx - start, si)))
+                res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                x0, y0, used = choose_crop(res["body"], res["found"], plan.decode_width,
+                                           plan.decode_height, plan.width, plan.height,
+                                           cfg.pose.min_score)
+                if not used:
+                    centre_fallback.append(si)
+                crops.append((x0, y0, x0 + plan.width, y0 + plan.height))
+                out = {k: _inside(to_crop(res[k], x0, y0, plan.width, plan.height))
+                       for k in ("body", "hands", "face")}
+                out["heatmap"] = render_heatmaps(out["body"], h, w, cfg.pose.heatmap_sigma,
+                                                 cfg.pose.min_score)
+                out["found"] = res["found"]
+                found_total += int(res["found"].sum())
+                for k, v in out.items():
+                    writer.arrays[k][start : start + length] = v
+                digest.update(out["body"].tobytes() + out["face"].tobytes())
+            self.decoded_frames += reader.frames_decoded
+            crops_arr = np.asarray(crops, np.int32)
+            writer.put("crop_boxes", crops_arr, "per segment [x0, y0, x1, y1] in decode pixels")
+            writer.put("crop_boxes_orig", crops_arr / plan.scale,
+                       "per segment [x0, y0, x1, y1] in original pixels")
+            writer.commit(crop_boxes=crops_arr.tolist(),
+                          person_fraction=found_total / max(1, plan.num_frames),
+                          centre_fallback=centre_fallback,
+                          face_points_digest=digest.hexdigest()[:16],
+                          plan=plan.to_dict())
+        except BaseException:
+            writer.abort()
+            raise
+
+    # -- audio ------------------------------------------------------------------------------
+    def _run_audio(self, task: VideoTask, plan: Plan, key: str) -> None:
+        ext = self.extractors["audio"]
+        ctx = X.VideoContext(task.video_hash, task.path, plan.num_frames, plan.fps, plan.width,
+                             plan.height)
+        ext.reset(ctx)
+        res = ext(AudioBatch(task.path))
+        attrs = res.pop("_attrs")
+        writer = self._writer(task.video_hash, "audio", key,
+                              {"video": task.video_hash, "fps": plan.fps, "frames": plan.num_frames})
+        try:
+            specs = ext.arrays(ctx)
+            for an, arr in res.items():
+                writer.put(an, arr, specs[an].doc, chunks=(self.cfg.decode.segment_frames,
+                                                           *arr.shape[1:]))
+            writer.commit(**attrs)
+        except BaseException:
+            writer.abort()
+            raise
+
+    # -- frame extractors -------------------------------------------------------------------
+    def _run_frames(self, task: VideoTask, probe: ProbeInfo, plan: Plan, crops: list,
+                    missing: list[tuple[str, dict]], keys: dict[str, str]) -> None:
+        cfg, vh = self.cfg, task.video_hash
+        ctx = X.VideoContext(vh, task.path, plan.num_frames, plan.fps, plan.width, plan.height,
+                             probe.duration)
+        writers: dict[str, EntryWriter] = {}
+        specs: dict[str, dict[str, X.ArraySpec]] = {}
+        pose_group = None
+        if "pose" in keys:
+            pose_group = self.cache.open(vh, "pose", keys["pose"])
+        try:
+            for name, inputs in missing:
+                ext = self.extractors[name]
+                ext.reset(ctx)
+                specs[name] = ext.arrays(ctx)
+                writers[name] = self._writer(vh, name, keys[name], inputs)
+                self._create_arrays(writers[name], specs[name], plan.num_frames,
+                                    cfg.decode.segment_frames)
+            reader = SegmentReader(task.path, probe, plan)
+            for si, start, length, frames in reader.segments():
+                x0, y0 = int(crops[si][0]), int(crops[si][1])
+                frames = crop(frames, x0, y0, plan.width, plan.height)
+                extras = {}
+                if pose_group is not None:
+                    extras = {"pose_body": pose_group["body"][start : start + length],
+                              "pose_face": pose_group["face"][start : start + length]}
+                for name, _ in missing:
+                    ext = self.extractors[name]
+                    bs = max(1, ext.batch_size)
+                    parts = []
+                    for b in range(0, length, bs):
+                        idx = np.arange(start + b, start + min(b + bs, length))
+                        ex = {k: v[b : b + bs] for k, v in extras.items()}
+                        parts.append(ext(X.FrameBatch(frames[b : b + bs], idx, idx - start, si, ex)))
+                    w = writers[name]
+                    for an, s in specs[name].items():
+                        data = np.concatenate([np.asarray(p[an]) for p in parts]).astype(s.dtype)
+                        if s.per_frame:
+                            w.arrays[an][start : start + length] = data
+                        elif len(data):
+                            w.arrays[an].append(data, axis=0)
+                del frames
+            self.decoded_frames += reader.frames_decoded
+            for name, _ in missing:
+                arrays, attrs = self.extractors[name].finish()
+                for an, arr in arrays.items():
+                    writers[name].put(an, arr, f"{name} video-level result")
+                writers[name].commit(**attrs)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+
+
+def _inside(points: np.ndarray) -> np.ndarray:
+    """Points outside the crop count as missing (score 0, zeros), so every kept x, y is in [0, 1]."""
+    out = points.copy()
+    bad = (out[..., 0] < 0) | (out[..., 0] > 1) | (out[..., 1] < 0) | (out[..., 1] > 1)
+    out[bad] = 0.0
+    return out

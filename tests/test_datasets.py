@@ -1,0 +1,348 @@
+"""dwm.datasets: shard pipeline (shuffle, splits, resampling, epochs, exact position) and views.
+
+Most tests run on a small synthetic dataset written here with the real ShardWriter following
+shared/contract.py; view shapes are also checked on the real preprocessed sample video.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import cv2
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from dwm.datasets import (TrainLoader, ViewA, ViewB, ViewC, batch_to_device, collate, eval_batches,
+                          make_view)
+from dwm.datasets.pipeline import StreamSpec, iter_tar_samples, worker_stream
+from dwm.shared import contract
+from dwm.shared.shards import ManifestError, ShardWriter, load_manifest, write_manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic dataset (test helper; the package has one writer: ShardWriter)
+# ---------------------------------------------------------------------------------------------
+def _heatmaps(body: np.ndarray, h: int, w: int, sigma: float = 1.5) -> np.ndarray:
+    ys = np.arange(h, dtype=np.float32)[None, None, :, None] + 0.5
+    xs = np.arange(w, dtype=np.float32)[None, None, None, :] + 0.5
+    g = np.exp(-((xs - body[..., 0, None, None] * w) ** 2 + (ys - body[..., 1, None, None] * h) ** 2)
+               / (2 * sigma**2))
+    g = np.where((body[..., 2] >= 0.3)[..., None, None], g, 0.0)
+    return np.round(g * 255).astype(np.uint8)
+
+
+def synthetic_sample(key: str, split: str, T: int, h: int, w: int, rng: np.random.Generator,
+                     has_audio: bool = True, bpm: float = 120.0, fps: float = 24.0) -> dict:
+    """One clip segment: a dancer whose wrists go up on every beat of a click track."""
+    t = np.arange(T)
+    beat_period = fps * 60.0 / bpm
+    phase = (t % beat_period) / beat_period
+    mel = rng.normal(-40, 3, (T, 80)).astype(np.float32)
+    mel[phase < 1.0 / beat_period + 1e-6] += 30.0  # a click on each beat
+    base = rng.normal(0, 1, (T, contract.AUDIO_BASELINE_DIM)).astype(np.float32)
+    base[:, 0] = np.exp(-phase * 4)  # onset envelope
+    rest = np.array([[0.5, 0.15], [0.5, 0.25], [0.4, 0.25], [0.35, 0.4], [0.33, 0.55],
+                     [0.6, 0.25], [0.65, 0.4], [0.67, 0.55], [0.43, 0.55], [0.43, 0.72],
+                     [0.43, 0.9], [0.57, 0.55], [0.57, 0.72], [0.57, 0.9], [0.47, 0.13],
+                     [0.53, 0.13], [0.44, 0.14], [0.56, 0.14]], np.float32)
+    body = np.zeros((T, 18, 3), np.float32)
+    body[:, :, :2] = rest + rng.normal(0, 0.003, (T, 18, 2))
+    lift = 0.25 * np.cos(2 * np.pi * phase)  # wrists up on the beat
+    body[:, (4, 7), 1] -= lift[:, None]
+    body[:, :, 2] = 0.9
+    face_present = np.ones(T, bool)
+    face_present[: T // 4] = False
+    ident = rng.normal(0, 1, 512).astype(np.float32)
+    ident /= np.linalg.norm(ident)
+    face_embed = (ident + rng.normal(0, 0.05, (T, 512))).astype(np.float32)
+    face_embed /= np.linalg.norm(face_embed, axis=1, keepdims=True)
+    face_embed[~face_present] = 0
+    crops = rng.integers(0, 255, (T, 112, 112, 3), dtype=np.uint8)
+    crops[~face_present] = 0
+    thumbs = [cv2.imencode(".jpg", np.full((64, 36, 3), i, np.uint8))[1].tobytes() for i in range(T)]
+    offsets = np.cumsum([0] + [len(b) for b in thumbs]).astype(np.int64)
+    clip_frames = np.arange(0, T, 12, dtype=np.int32)
+    sample = {
+        "__key__": key,
+        "json": {"key": key, "video_hash": key[:16], "source": f"/nonexistent/{key}.mp4",
+                 "segment": int(key.rsplit("_", 1)[-1]), "start_frame": 0, "num_frames": T,
+                 "fps": fps, "orig_fps": fps, "orig_width": w * 8, "orig_height": h * 8,
+                 "rotation": 0, "width": w * 8, "height": h * 8, "crop_box": [0, 0, w * 8, h * 8],
+                 "has_audio": has_audio, "tempo": bpm if has_audio else None,
+                 "beat_frames": [], "latent_scaling_factor": 0.5, "split": split, "features": []},
+        "pose_body": body,
+        "pose_hands": np.zeros((T, 42, 3), np.float32),
+        "pose_face": np.zeros((T, 68, 3), np.float32),
+        "pose_heatmap": _heatmaps(body, h, w),
+        "face_present": face_present,
+        "face_box": np.tile(np.array([0.4, 0.05, 0.6, 0.2], np.float32), (T, 1)) * face_present[:, None],
+        "face_landmarks": np.zeros((T, 5, 2), np.float32),
+        "face_score": face_present.astype(np.float32),
+        "face_embed": face_embed.astype(np.float16),
+        "face_mask": (rng.random((T, h, w)) * 255 * face_present[:, None, None]).astype(np.uint8),
+        "face_crop": crops,
+        "face_ref_embed": ident,
+        "latents": rng.normal(0, 1, (T, 4, h, w)).astype(np.float16),
+        "clip_frames": clip_frames,
+        "clip_embed": rng.normal(0, 1, (len(clip_frames), 32)).astype(np.float16),
+        "thumbs_jpeg": np.frombuffer(b"".join(thumbs), np.uint8),
+        "thumbs_offsets": offsets,
+    }
+    if has_audio:
+        sample["audio_mel"] = mel.astype(np.float16)
+        sample["audio_baseline"] = base.astype(np.float16)
+    sample["json"]["features"] = sorted(k for k in sample if k not in ("__key__", "json"))
+    return sample
+
+
+def write_synthetic_dataset(out: str | Path, n_train: int = 6, n_val: int = 2, T: int = 24,
+                            h: int = 56, w: int = 32, per_shard: int = 2, no_audio: tuple = (),
+                            seed: int = 0) -> str:
+    """Write train/val shards + manifest.json; returns the manifest path (str).
+    ``no_audio``: train sample indices written without audio."""
+    rng = np.random.default_rng(seed)
+    out = str(out)
+    shards = []
+    mel_all, base_all = [], []
+    for split, n in (("train", n_train), ("val", n_val)):
+        writer = ShardWriter(out, prefix=split, target_bytes=1, split=split)
+        pending = 0
+        for i in range(n):
+            s = synthetic_sample(f"{split}{i:02d}abcdef12345_{i:04d}", split, T, h, w, rng,
+                                 has_audio=not (split == "train" and i in no_audio))
+            if "audio_mel" in s:
+                mel_all.append(s["audio_mel"].astype(np.float64))
+                base_all.append(s["audio_baseline"].astype(np.float64))
+            writer.pending.append(s)  # exact shard sizes: per_shard samples per tar
+            pending += 1
+            if pending == per_shard:
+                writer.flush()
+                pending = 0
+        shards += writer.close()
+    mel, base = np.concatenate(mel_all), np.concatenate(base_all)
+    stats = {"audio_mel": {"mean": mel.mean(0).tolist(), "std": mel.std(0).tolist()},
+             "audio_baseline": {"mean": base.mean(0).tolist(), "std": base.std(0).tolist()}}
+    features = {f.name: {"shape": [T if d == "T" else h if d == "h" else w if d == "w" else d
+                                   for d in f.shape], "dtype": f.dtype} for f in contract.FEATURES}
+    return write_manifest(out, shards, features, stats)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), no_audio=(5,))
+
+
+def _ids(batch) -> list[tuple]:
+    return [(m["key"], m.get("window_start", m.get("clip_start", m.get("ref_frame")))) for m in batch["meta"]]
+
+
+def _loader(manifest, view="A", bs=2, **kw):
+    m = load_manifest(manifest)
+    return TrainLoader(m, make_view(view, m["stats"], None, audio_window=16) if view == "A"
+                       else make_view(view, m["stats"], None), bs, seed=kw.pop("seed", 3), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# views
+# ---------------------------------------------------------------------------------------------
+def test_view_a_shapes_normalisation_and_no_audio_excluded(synth):
+    m = load_manifest(synth)
+    view = ViewA(m["stats"], audio_window=16, with_thumbs=True)
+    keys, items = [], []
+    for s in m["shards"]:
+        if s["split"] != "train":
+            continue
+        for raw in iter_tar_samples(s["url"]):
+            meta = json.loads(raw["json"])
+            if not view.accepts(meta):
+                keys.append(meta["key"])
+                continue
+            items.append(view.make_item(raw, np.random.default_rng(0)))
+    assert len(keys) == 1 and keys[0].startswith("train05")  # has_audio=false: A only skips it
+    it = items[0]
+    assert it["audio_mel"].shape == (16, 80) and it["audio_baseline"].shape == (16, 35)
+    assert it["heatmap"].shape == (16, 18, 56, 32) and it["heatmap"].dtype == np.uint8
+    assert it["coords"].shape == (16, 18, 2) and it["conf"].shape == (16, 18)
+    assert it["face_crop"].shape == (3, 112, 112) and it["face_embed"].shape == (512,)
+    assert len(it["thumbs"]) == 16
+    mel = np.stack([i["audio_mel"] for i in items])
+    assert abs(mel.mean()) < 0.5 and 0.5 < mel.std() < 1.5  # normalised with the manifest stats
+    # the reference face comes from another frame that has a face
+    for it in items:  # faces start at frame 6; a frame outside the 16-frame window always has one
+        ref, start = it["meta"]["ref_frame"], it["meta"]["window_start"]
+        assert ref >= 6 and not (start <= ref < start + 16)
+    assert abs(np.linalg.norm(it["face_embed"]) - 1) < 1e-2
+    batch = batch_to_device(collate(items[:2]), "cpu")
+    assert batch["heatmap"].dtype == torch.float32 and float(batch["heatmap"].max()) <= 1.0
+    assert float(batch["heatmap"].max()) > 0.9 and batch["face_crop"].dtype == torch.float32
+
+
+def test_view_a_pads_short_segments(synth):
+    m = load_manifest(synth)
+    view = ViewA(m["stats"], audio_window=40)  # longer than the 24-frame segments
+    raw = next(iter_tar_samples(m["shards"][0]["url"]))
+    it = view.make_item(raw, np.random.default_rng(0))
+    assert it["audio_mel"].shape == (40, 80)
+    assert it["frame_mask"][:24].all() and not it["frame_mask"][24:].any()
+    assert not it["conf"][24:].any() and not it["heatmap"][24:].any()
+
+
+def test_view_b_and_c(synth):
+    m = load_manifest(synth)
+    raws = [r for s in m["shards"] if s["split"] == "train" for r in iter_tar_samples(s["url"])]
+    vb = ViewB(m["stats"], audio_window=16, min_ref_gap=12)
+    for seed in range(10):
+        it = vb.make_item(raws[seed % len(raws)], np.random.default_rng(seed))
+        assert abs(int(it["ref_index"]) - int(it["target_index"])) >= 12
+        assert it["ref_latent"].shape == (4, 56, 32) and it["heatmap"].shape == (18, 56, 32)
+        assert it["clip_embed"].shape == (32,) and it["face_mask"].shape == (56, 32)
+        assert 0 <= int(it["audio_target"]) < 16
+    lat = np.load(io.BytesIO(raws[0]["latents.npy"]), allow_pickle=False)
+    it = vb.make_item(raws[0], np.random.default_rng(1))
+    np.testing.assert_allclose(it["target_latent"], lat[int(it["target_index"])].astype(np.float32) * 0.5)
+    # a segment shorter than the gap: the gap is clamped, the item still comes out
+    it = ViewB(m["stats"], min_ref_gap=100).make_item(raws[0], np.random.default_rng(0))
+    assert abs(int(it["ref_index"]) - int(it["target_index"])) == 23
+    # the no-audio sample is used by B with zero audio features
+    noaud = next(r for r in raws if r["__key__"].startswith("train05"))
+    assert vb.accepts(json.loads(noaud["json"]))
+    assert vb.make_item(noaud, np.random.default_rng(0))["audio_valid"] == 0
+    vc = ViewC(m["stats"], sequence_length=8)
+    it = vc.make_item(raws[0], np.random.default_rng(0))
+    s = int(it["clip_start"])
+    assert it["latents"].shape == (8, 4, 56, 32) and it["heatmap"].shape == (8, 18, 56, 32)
+    assert not (s <= int(it["ref_index"]) < s + 8)  # reference from outside the clip
+    long = vc.make_item(raws[0], np.random.default_rng(0), length=30)  # longer than the segment
+    assert long["latents"].shape[0] == 30 and long["frame_mask"].sum() == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline
+# ---------------------------------------------------------------------------------------------
+def test_deterministic_shuffle_per_epoch(synth):
+    def epoch_keys(epoch):
+        m = load_manifest(synth)
+        spec = StreamSpec([s["url"] for s in m["shards"] if s["split"] == "train"], seed=7,
+                          shuffle_buffer=4)
+        return [s["__key__"] for s in worker_stream(spec, epoch, 0, 1, infinite=False)]
+
+    a0, b0, a1 = epoch_keys(0), epoch_keys(0), epoch_keys(1)
+    assert a0 == b0  # same seed + epoch: same order
+    assert sorted(a0) == sorted(a1) and len(set(a0)) == 6  # every sample once per pass
+    assert a0 != a1  # a new epoch reshuffles
+    assert a0 != sorted(a0) or a1 != sorted(a1)
+
+
+def test_split_by_worker_and_node_disjoint(synth):
+    m = load_manifest(synth)
+    urls = [s["url"] for s in m["shards"] if s["split"] == "train"]  # 3 shards
+    for total in (2, 4):  # by shard (3 >= 2) and by sample (3 < 4)
+        spec = StreamSpec(urls, seed=1, shuffle_buffer=2)
+        parts = [[s["__key__"] for s in worker_stream(spec, 0, w, total, infinite=False)]
+                 for w in range(total)]
+        union = set().union(*parts)
+        assert sum(len(p) for p in parts) == len(union) == 6
+    # through a DataLoader with 2 workers: one epoch of single-sample batches has no repeats
+    loader = _loader(synth, bs=1, num_workers=2, epoch_samples=4, shuffle_buffer=1)
+    it = iter(loader)
+    keys = [next(it)["meta"][0]["key"] for _ in range(4)]
+    assert len(set(keys)) == 4
+
+
+def _collect(loader, n):
+    it = iter(loader)
+    out = []
+    for _ in range(n):
+        b = next(it)
+        out.append((_ids(b), b["audio_mel"].clone()))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_position_restore_is_exact(synth, workers):
+    # 5 train samples with audio, batch 2 -> 2 batches per epoch with 0 workers, 2 with 2
+    ref = _loader(synth, num_workers=workers)
+    straight = _collect(ref, 7)  # crosses epoch boundaries
+    for k in (1, 3):
+        first = _loader(synth, num_workers=workers)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+        resumed = _loader(synth, num_workers=workers)
+        resumed.load_state_dict(state)
+        rest = _collect(resumed, 7 - k)
+        for (ids_a, mel_a), (ids_b, mel_b) in zip(straight[k:], rest):
+            assert ids_a == ids_b
+            assert torch.equal(mel_a, mel_b)
+    assert ref.position.epoch >= 1  # the run went past an epoch
+
+
+def test_resampled_and_epoch_length(synth):
+    loader = _loader(synth, bs=1, resampled=True, epoch_samples=5, num_workers=0)
+    assert loader.batches_per_epoch == 5
+    it = iter(loader)
+    keys = [next(it)["meta"][0]["key"] for _ in range(5)]
+    assert loader.position.epoch == 0 and loader.position.batch == 5
+    next(it)
+    assert loader.position.epoch == 1 and loader.position.batch == 1
+    # with replacement: 25 draws from 5 samples repeat, and reach every sample
+    more = keys + [next(it)["meta"][0]["key"] for _ in range(20)]
+    assert len(set(more)) == 5
+    loader2 = _loader(synth, bs=1, epoch_samples=6, num_workers=2)
+    assert loader2.batches_per_epoch == 6  # a multiple of the workers
+
+
+def test_rank_split(synth):
+    keys = []
+    for rank in (0, 1):
+        # 2 of the 3 shards on one rank, 1 on the other; 2 samples per rank fit in one pass
+        loader = _loader(synth, view="B", bs=1, rank=rank, world_size=2, num_workers=0,
+                         epoch_samples=4)
+        it = iter(loader)
+        keys.append({next(it)["meta"][0]["key"] for _ in range(loader.batches_per_epoch)})
+    assert not keys[0] & keys[1]
+
+
+def test_fsspec_memory_manifest(synth):
+    fs = fsspec.filesystem("memory")
+    src = Path(synth).parent
+    for p in src.iterdir():
+        fs.pipe(f"/dwmtest/{p.name}", p.read_bytes())
+    loader = _loader("memory://dwmtest/manifest.json", num_workers=0)
+    b = next(iter(loader))
+    assert b["audio_mel"].shape == (2, 16, 80)
+    vb = eval_batches("memory://dwmtest/manifest.json", make_view("B", None, None), 2)
+    assert sum(x["ref_latent"].shape[0] for x in vb) == 2  # the val split
+
+
+def _tar_with(members: dict[str, bytes], path: Path) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_unsafe_members_rejected(tmp_path):
+    js = json.dumps({"key": "a", "num_frames": 1, "has_audio": True}).encode()
+    _tar_with({"../evil.json": js}, tmp_path / "a.tar")
+    with pytest.raises(ManifestError, match="unsafe"):
+        list(iter_tar_samples(str(tmp_path / "a.tar")))
+    _tar_with({"k.json": js, "k.audio_mel.pkl": b"\x80\x04N."}, tmp_path / "b.tar")
+    with pytest.raises(ManifestError, match="pickle"):
+        list(iter_tar_samples(str(tmp_path / "b.tar")))
+    # a pickled object array inside a .npy is refused by np.load(allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    _tar_with({"k.json": js, "k.audio_mel.npy": buf.getvalue()}, tmp_path / "c.tar")
+    raw = next(iter_tar_samples(str(tmp_path / "c.tar")))
+    from dwm.datasets.views import decode_features
+
+    with pytest.raises(ValueError, match="allow_pickle"):
+        decode_features(raw, ("audio_mel",))

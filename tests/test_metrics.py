@@ -1,0 +1,393 @@
+"""training/metrics.py: every metric on inputs with a known answer, plus BAS on the real sample."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dwm.shared import contract
+from dwm.training import metrics as M
+
+
+def _body(n: int = 1, score: float = 1.0) -> np.ndarray:
+    """(n, 18, 3) standing bodies; torso (neck (0.5, 0.2) to mid-hip (0.5, 0.5)) = 0.3."""
+    xy = np.array([
+        [0.50, 0.10], [0.50, 0.20], [0.40, 0.20], [0.35, 0.35], [0.33, 0.50],
+        [0.60, 0.20], [0.65, 0.35], [0.67, 0.50], [0.45, 0.50], [0.45, 0.70],
+        [0.45, 0.90], [0.55, 0.50], [0.55, 0.70], [0.55, 0.90], [0.48, 0.08],
+        [0.52, 0.08], [0.46, 0.09], [0.54, 0.09],
+    ], np.float64)  # fmt: skip
+    b = np.concatenate([xy, np.full((18, 1), score)], axis=1)
+    return np.repeat(b[None], n, axis=0)
+
+
+# ---- PCK / joint error -----------------------------------------------------------------------
+def test_torso_size():
+    t = _body(2)
+    assert M.torso_size(t[..., :2]) == pytest.approx([0.3, 0.3])
+    vis = np.ones((2, 18), bool)
+    vis[1, contract.L_HIP] = False
+    s = M.torso_size(t[..., :2], vis)
+    assert s[0] == pytest.approx(0.3) and np.isnan(s[1])
+
+
+def test_pck_perfect_and_known_offset():
+    target = _body(4)
+    res = M.pck(target[..., :2], target[..., :2], target[..., 2])
+    assert res["pck@0.1"] == 1.0 and res["pck@0.2"] == 1.0
+    assert res["frames_used"] == 4 and res["joints_evaluated"] == 72
+    # every joint 0.045 off = 0.15 torso: wrong at 0.1, right at 0.2
+    pred = target[..., :2] + [0.045, 0.0]
+    res = M.pck(pred, target[..., :2], target[..., 2])
+    assert res["pck@0.1"] == 0.0 and res["pck@0.2"] == 1.0
+    # only the right wrist is off: per-joint PCK says which one
+    pred = target[..., :2].copy()
+    pred[:, 4] += [0.0, 0.045]
+    res = M.pck(pred, target[..., :2], target[..., 2], thresholds=(0.1,))
+    assert res["pck@0.1"] == pytest.approx(17 / 18)
+    pj = res["per_joint@0.1"]
+    assert pj.shape == (18,) and pj[4] == 0.0 and (np.delete(pj, 4) == 1.0).all()
+
+
+def test_pck_skips_low_confidence_and_torsoless_frames():
+    target = _body(3)
+    conf = np.ones((3, 18))
+    pred = target[..., :2].copy()
+    pred[:, 0] += 0.2  # the nose is far off ...
+    conf[:, 0] = 0.1  # ... but not confidently annotated: not evaluated
+    conf[2, contract.NECK] = 0.0  # frame 2 has no torso: skipped entirely
+    pred[2] += 1.0
+    res = M.pck(pred, target[..., :2], conf)
+    assert res["pck@0.1"] == 1.0 and res["frames_used"] == 2
+    assert res["joints_evaluated"] == 2 * 17
+    assert np.isnan(res["per_joint@0.1"][0])  # never evaluated
+    # nothing to evaluate at all -> NaN, not a made-up number
+    assert math.isnan(M.pck(pred, target[..., :2], np.zeros((3, 18)))["pck@0.1"])
+
+
+def test_pck_missed_predictions_and_pixel_units():
+    target = _body(2)
+    pred_conf = np.ones((2, 18))
+    pred_conf[:, :9] = 0.0  # the detector missed 9 joints: they count as wrong
+    res = M.pck(target[..., :2], target[..., :2], target[..., 2], pred_conf=pred_conf)
+    assert res["pck@0.2"] == pytest.approx(0.5)
+    # size=(W, H): a torso of 0.3 * 1000 px; an x offset of 0.1 * 100 px = 10 px = 0.033 torso
+    pred = target[..., :2] + [0.1, 0.0]
+    assert M.pck(pred, target[..., :2], size=(100, 1000))["pck@0.1"] == 1.0
+    assert M.pck(pred, target[..., :2])["pck@0.1"] == 0.0  # unitless: 0.1 / 0.3 torso
+    with pytest.raises(ValueError):
+        M.pck(pred[:1], target[..., :2])
+
+
+def test_mean_joint_error_known_values_and_torch():
+    target = _body(3)
+    pred = target[..., :2] + [0.03, 0.0]
+    assert M.mean_joint_error(pred, target[..., :2]) == pytest.approx(0.1)  # 0.03 / 0.3 torso
+    assert M.mean_joint_error(pred, target[..., :2], normalize=False) == pytest.approx(0.03)
+    assert M.mean_joint_error(target[..., :2], target[..., :2]) == 0.0
+    t = torch.tensor(target[..., :2], dtype=torch.float32)
+    assert M.mean_joint_error(t + torch.tensor([0.03, 0.0]), t) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_face_cosine():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 16))
+    assert M.face_cosine(a, a) == pytest.approx(1.0)
+    assert M.face_cosine(-a, a) == pytest.approx(-1.0)
+    assert M.face_cosine(3.0 * a, a) == pytest.approx(1.0)  # scale-free
+    e = np.eye(2)
+    assert M.face_cosine(e[[0]], e[[1]]) == pytest.approx(0.0)
+    t = a.copy()
+    t[2] = 0.0  # no face in the target: skipped, not counted as 0
+    p = a.copy()
+    p[2] = -a[2]
+    assert M.face_cosine(p, t) == pytest.approx(1.0)
+    assert math.isnan(M.face_cosine(a, np.zeros_like(a)))
+
+
+# ---- beats -----------------------------------------------------------------------------------
+def _oscillating_motion(seconds: float, fps: float, period_s: float, phase: float = 0.0):
+    """Every joint swings x = 0.1 cos(2 pi t / period): speed minima at t = k * period / 2."""
+    t = np.arange(int(round(seconds * fps))) / fps
+    body = _body(len(t))
+    body[..., 0] += 0.1 * np.cos(2 * np.pi * t / period_s + phase)[:, None]
+    return body
+
+
+def test_motion_beats_found_where_the_speed_stops_at_any_fps():
+    for fps in (24, 30, 60):
+        motion = _oscillating_motion(4.0, fps, period_s=1.0)
+        beats = M.motion_beats(motion, fps) / fps  # seconds
+        expected = np.arange(0.5, 4.0 - 0.25, 0.5)
+        assert len(beats) == len(expected), (fps, beats)
+        assert np.abs(beats - expected).max() <= 1.0 / fps + 1e-9
+
+
+def test_beat_align_score_known_answers():
+    fps = 24
+    motion = _oscillating_motion(8.0, fps, period_s=1.0)  # motion beats every 12 frames
+    on_beat = np.arange(12, 180, 12)
+    assert M.beat_align_score(motion, on_beat, fps) == pytest.approx(1.0, abs=1e-6)
+    # half a motion period late: the nearest motion beat is 6 frames = 0.25 s away
+    off = M.beat_align_score(motion, on_beat + 6, fps)
+    assert off == pytest.approx(math.exp(-(0.25**2) / (2 * M.BAILANDO_SIGMA_SECONDS**2)), abs=1e-6)
+    # a 1-frame shift costs exactly Bailando's Gaussian of 1/24 s
+    one = M.beat_align_score(motion, on_beat + 1, fps)
+    assert one == pytest.approx(math.exp(-((1 / 24) ** 2) / (2 * 0.05**2)), abs=1e-6)
+    assert 1.0 > one > off
+    # random beats score lower than the real ones
+    assert M.random_beat_align_score(motion, len(on_beat), fps, trials=30) < 0.7
+    # beats outside the clip are dropped; no beat inside -> NaN; still motion -> 0
+    assert M.beat_align_score(motion, np.r_[on_beat, -5, 10_000], fps) == pytest.approx(1.0)
+    assert math.isnan(M.beat_align_score(motion, [], fps))
+    assert M.beat_align_score(_body(100), on_beat[:5], fps) == 0.0
+
+
+def _stop_and_go(beat_frames, n: int) -> np.ndarray:
+    """The body glides right at constant speed and briefly stops (a 1-frame dip) on each beat."""
+    t = np.arange(n)
+    dips = np.exp(-((t[:, None] - np.asarray(beat_frames)[None]) ** 2) / 2).sum(1)
+    speed = 1.0 - 0.9 * np.clip(dips, 0, 1)
+    x = (np.cumsum(speed) - 0.5 * speed) * 0.004  # central differences give back `speed`
+    body = _body(n)
+    body[..., 0] += x[:, None]
+    return body
+
+
+def test_bas_smoothing_scales_with_fps():
+    # irregular beats 6-12 frames apart at 24 fps: Bailando's unscaled 5-frame smoothing (set
+    # for 60 fps; 0.21 s here) merges neighbouring stops, the fps-scaled one (2 frames) does not
+    fps = 24
+    beats = np.cumsum(np.random.default_rng(3).integers(6, 13, 20))
+    motion = _stop_and_go(beats, int(beats[-1]) + 10)
+    assert M.motion_beats(motion, fps).tolist() == beats.tolist()
+    assert M.beat_align_score(motion, beats, fps) == pytest.approx(1.0)
+    assert len(M.motion_beats(motion, fps, smooth_sigma=5.0)) < len(beats) // 2
+    assert M.beat_align_score(motion, beats, fps, smooth_sigma=5.0) < 0.5
+
+
+def test_bas_ignores_low_confidence_joints():
+    fps = 24
+    motion = _oscillating_motion(4.0, fps, period_s=1.0)
+    noisy = motion.copy()
+    rng = np.random.default_rng(0)
+    noisy[:, 10:, :2] = rng.random((len(noisy), 8, 2))  # jittering junk ...
+    noisy[:, 10:, 2] = 0.0  # ... flagged as undetected
+    beats = np.arange(12, 90, 12)
+    assert M.beat_align_score(noisy, beats, fps) == pytest.approx(
+        M.beat_align_score(motion, beats, fps)
+    )
+
+
+# ---- diversity / baseline --------------------------------------------------------------------
+def test_pose_diversity():
+    a = _oscillating_motion(2.0, 24, 1.0)
+    b = _oscillating_motion(2.0, 24, 0.5)
+    c = _body(48)
+    c[..., 1] += np.linspace(0, 0.3, 48)[:, None]
+    assert M.pose_diversity([a, a, a]) == 0.0
+    assert M.pose_diversity([a, b, c]) > M.pose_diversity([a, a, b]) > 0.0
+    feats = np.stack([M.kinetic_features(s, 24) for s in (a, b, c)])
+    assert feats.shape == (3, 4 * 18)
+    assert M.pose_diversity(feats) == pytest.approx(M.pose_diversity([a, b, c]))
+    # standardised by a reference: scale-free
+    ref = [a, b, c]
+    assert M.pose_diversity(feats * 1.0, reference=feats) == pytest.approx(
+        M.pose_diversity(feats * 10.0, reference=feats * 10.0)
+    )
+    with pytest.raises(ValueError):
+        M.pose_diversity([a])
+    assert M.pose_diversity(np.stack([a, b]), reference=ref) > 0
+
+
+def test_mean_pose_baseline():
+    p = _body(4)
+    p[:2, :, 0] += 0.1
+    p[3, 5, :2] = [5.0, 5.0]  # a wild joint ...
+    p[3, 5, 2] = 0.0  # ... with no confidence: ignored
+    p[:, 17, 2] = 0.0  # never seen
+    base = M.mean_pose_baseline(p)
+    assert base.shape == (18, 3) and base.dtype == np.float32
+    assert base[0, 0] == pytest.approx(0.55) and base[0, 1] == pytest.approx(0.10)
+    assert base[5, 0] == pytest.approx((0.7 + 0.7 + 0.6) / 3)
+    assert base[17].tolist() == [0.5, 0.5, 0.0] and base[0, 2] == 1.0
+    assert np.allclose(M.mean_pose_baseline([p[:2], p[2:]]), base)
+    # the baseline predicts the average pose: PCK 1 on a clip that is the average pose
+    clip = np.broadcast_to(base, (6, 18, 3))
+    assert M.pck(clip[..., :2], clip[..., :2])["pck@0.1"] == 1.0
+
+
+# ---- frames ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:40]
+    frames = [np.stack([(xx * 4 + t) % 200 + 20, (yy * 3) % 200 + 20, np.full_like(xx, 120)], -1)
+              for t in range(6)]  # fmt: skip
+    return np.clip(np.array(frames) + rng.integers(-5, 5, (6, 48, 40, 3)), 0, 255).astype(np.uint8)
+
+
+def _noisy(clip: np.ndarray, sigma: float, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(clip + rng.normal(0, sigma, clip.shape), 0, 255).astype(np.uint8)
+
+
+def test_psnr(clip):
+    assert M.psnr(clip, clip) == 100.0
+    mid = np.clip(clip, 0, 245)  # +10 then gives MSE 100 exactly
+    assert M.psnr(mid + 10, mid) == pytest.approx(10 * math.log10(255**2 / 100))
+    scores = [M.psnr(_noisy(clip, s), clip) for s in (2, 8, 20, 50)]
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+    assert M.psnr(clip[0], clip[0]) == 100.0  # a single frame works too
+    with pytest.raises(ValueError):
+        M.psnr(clip[:2], clip)
+
+
+def test_ssim(clip):
+    assert M.ssim(clip, clip) == pytest.approx(1.0)
+    scores = [M.ssim(_noisy(clip, s), clip) for s in (2, 8, 20, 50)]
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+    assert scores[-1] < 0.8
+
+
+def test_id_similarity():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=512)
+    gen = np.repeat(ref[None], 4, 0) * rng.uniform(0.5, 2.0, (4, 1))
+    assert M.id_similarity(gen, ref) == pytest.approx(1.0)
+    gen[1] = 0.0  # no face found in frame 1: skipped
+    assert M.id_similarity(gen, ref) == pytest.approx(1.0)
+    other = rng.normal(size=(4, 512))
+    assert abs(M.id_similarity(other, ref)) < 0.2  # unrelated identities: near 0
+    assert math.isnan(M.id_similarity(np.zeros((3, 512)), ref))
+    with pytest.raises(ValueError, match="reference"):
+        M.id_similarity(gen, np.zeros(512))
+
+
+def test_pose_accuracy():
+    cond = _body(5)
+    assert M.pose_accuracy(cond, cond)["pck@0.1"] == 1.0
+    det = cond.copy()
+    det[:, 2:8, 2] = 0.0  # arms: the detector found only 12 of 18 joints on the generated frames
+    assert M.pose_accuracy(det, cond)["pck@0.2"] == pytest.approx(12 / 18)
+    cond_low = cond.copy()
+    cond_low[:, 2:8, 2] = 0.0  # ... and those were not in the conditioning either: not counted
+    assert M.pose_accuracy(det, cond_low)["pck@0.2"] == 1.0
+
+
+def test_temporal_consistency(clip):
+    assert M.temporal_consistency(clip, clip) == 0.0
+    mid = np.clip(clip, 20, 235)
+    assert M.temporal_consistency(mid + 10, mid) == 0.0  # a constant colour error is not temporal
+    flicker = mid.astype(np.int16) + np.array([10, -10, 10, -10, 10, -10])[:, None, None, None]
+    assert M.temporal_consistency(flicker.astype(np.uint8), mid) == pytest.approx(20.0)
+    frozen = np.repeat(mid[:1], len(mid), axis=0)  # a still image where the video moves
+    assert M.temporal_consistency(frozen, mid) > 0.5
+    with pytest.raises(ValueError):
+        M.temporal_consistency(clip[:1], clip[:1])
+
+
+# ---- real sample: ground-truth dance vs its music --------------------------------------------
+# OpenPose-18 joint -> BlazePose landmark (neck = mid-shoulders, handled below)
+_BLAZE = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
+
+
+@pytest.fixture(scope="module")
+def sample_pose_and_beats(dance_video):
+    """MediaPipe BlazePose (bundled model, no download) on every frame at 24 fps, 180x320
+    (the video's 9:16 aspect); librosa beats of its own audio track, in frames."""
+    import decord
+    import librosa
+    import mediapipe as mp
+
+    from dwm.shared.media import load_audio
+
+    vr = decord.VideoReader(str(dance_video), width=180, height=320)
+    fps = float(vr.get_avg_fps())
+    frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+    poses = np.zeros((len(frames), 18, 3), np.float32)
+    # smooth_landmarks=False: mediapipe's own temporal filter delays the motion by ~2 frames
+    with mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1,
+                                smooth_landmarks=False) as pose:  # fmt: skip
+        for i, f in enumerate(frames):
+            res = pose.process(f)
+            if res.pose_landmarks is None:
+                continue
+            lm = np.array([[p.x, p.y, p.visibility] for p in res.pose_landmarks.landmark])
+            for j, m in enumerate(_BLAZE):
+                poses[i, j] = lm[m] if m is not None else 0.5 * (lm[11] + lm[12])
+    y, sr = load_audio(dance_video, sr=22050)
+    _, beat_idx = librosa.beat.beat_track(y=y, sr=sr, hop_length=512)
+    beats = np.round(librosa.frames_to_time(beat_idx, sr=sr, hop_length=512) * fps).astype(int)
+    return poses, beats, fps
+
+
+@pytest.mark.filterwarnings("ignore:SymbolDatabase.GetPrototype")
+def test_real_dance_beats_align_better_than_chance(sample_pose_and_beats):
+    poses, beats, fps = sample_pose_and_beats
+    assert fps == pytest.approx(24.0)
+    assert (poses[..., 2] > 0.5).mean() > 0.8  # the dancer was found
+    assert len(beats) > 15  # ~117 BPM over 12 s
+    real = M.beat_align_score(poses, beats, fps)
+    chance = M.random_beat_align_score(poses, len(beats), fps, trials=200, seed=0)
+    # same tempo, wrong phase: beats a quarter period (about 3 frames) early/late
+    period = int(round(np.median(np.diff(beats))))
+    shifts = (-period // 2, -period // 4, period // 4, period // 2)
+    off_phase = np.mean([M.beat_align_score(poses, beats + s, fps) for s in shifts])
+    assert real > chance + 0.08, (real, chance)
+    assert real > off_phase, (real, off_phase)
+    # the mean-pose baseline does not move, so it has no beats at all
+    base = np.broadcast_to(M.mean_pose_baseline(poses), poses.shape)
+    assert M.beat_align_score(base, beats, fps) == 0.0
+    # and the metrics agree that the real poses are a perfect match with themselves
+    assert M.pck(poses[..., :2], poses[..., :2], poses[..., 2])["pck@0.1"] == 1.0
+
+
+# ---- plots (training/plots.py) ---------------------------------------------------------------
+def _is_png(path) -> bool:
+    data = open(path, "rb").read()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_loss_curves_from_tensorboard_logs(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dwm.training import plots
+
+    for stage, scale in (("A", 1.0), ("C", 3.0)):
+        with SummaryWriter(tmp_path / f"stage_{stage}" / "logs") as w:
+            for step in range(30):
+                w.add_scalar("train/loss", scale / (1 + step), step)
+                w.add_scalar("train/lr", 1e-4, step)
+                if step % 10 == 0:
+                    w.add_scalar("val/loss", scale / (1 + step) + 0.1, step)
+    scalars = plots.read_scalars(tmp_path / "stage_A" / "logs")
+    assert set(scalars) == {"train/loss", "train/lr", "val/loss"}
+    steps, values = scalars["train/loss"]
+    assert steps.tolist() == list(range(30)) and values[3] == pytest.approx(0.25)
+    out = plots.plot_loss_curves(tmp_path)
+    assert out == str(tmp_path / "plots" / "loss_curves.png") and _is_png(out)
+    with pytest.raises(FileNotFoundError, match="stage_B"):
+        plots.plot_loss_curves(tmp_path, stages=("B",))
+
+
+def test_bas_histogram_and_per_joint_pck_pngs(tmp_path):
+    from dwm.training import plots
+
+    rng = np.random.default_rng(0)
+    out = plots.plot_bas_histogram(np.r_[rng.uniform(0.1, 0.6, 40), np.nan], tmp_path / "bas.png",
+                                   references={"ground truth": 0.36, "random beats": 0.18})
+    assert _is_png(out)
+    target = _body(4)
+    pred = target[..., :2].copy()
+    pred[:, 4] += 0.05
+    pj = M.pck(pred, target[..., :2])["per_joint@0.1"]
+    pj[0] = np.nan
+    out = plots.plot_per_joint_pck({"model": pj, "mean pose": np.full(18, 0.3)},
+                                   tmp_path / "sub" / "pck.png", threshold=0.1)  # fmt: skip
+    assert _is_png(out)
+    with pytest.raises(ValueError):
+        plots.plot_per_joint_pck(np.ones(5), tmp_path / "bad.png")

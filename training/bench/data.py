@@ -1,0 +1,309 @@
+"""Sections 1, 2, 3 and 6: decoding, preprocessing, cache reuse and storage.
+
+Everything here calls the real code: :mod:`dwm.preprocess.decode` for the decode limit,
+:func:`dwm.preprocess.run.main` for every preprocessing figure (a fresh output folder per
+repetition, so nothing is cached unless the figure is about the cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dwm.shared.config import DecodeConfig, PreprocessConfig
+
+from .common import Bench
+from .report import Figure, Goal, Reference, Section, median
+from .timing import profile_top, side_by_side, timed
+
+# Extractors measured one by one in section 2 (pose first: it is the one that needs a person).
+EXTRACTORS = ("audio", "pose", "face", "latents", "clip", "thumbs")
+FAST = ["audio", "thumbs"]  # the model extractors off: the pipeline's own overhead
+WHOLE = list(EXTRACTORS)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def decode_frames(video: str, dcfg: DecodeConfig, probe=None) -> Callable[[], int]:
+    """A function that decodes the video as the pipeline does (aspect-kept decode + centre crop,
+    sequential, segment by segment) and returns the number of frames."""
+    from dwm.preprocess.decode import SegmentReader, centre_crop_box, crop, make_plan
+    from dwm.preprocess.probe import probe_file
+
+    probe = probe or probe_file(video)
+    plan = make_plan(probe, dcfg)
+
+    def run() -> int:
+        reader = SegmentReader(video, probe, plan)
+        x0, y0 = centre_crop_box(plan)
+        n = 0
+        for _si, _start, _length, frames in reader.segments():
+            n += len(crop(frames, x0, y0, plan.width, plan.height))
+        reader.close()
+        return n
+
+    run.frames = plan.num_frames  # type: ignore[attr-defined]
+    run.probe = probe  # type: ignore[attr-defined]
+    return run
+
+
+def run_preprocess(pcfg: PreprocessConfig, fresh: bool = True) -> tuple[float, dict[str, Any]]:
+    """(wall seconds, report.json) of one ``dwm preprocess`` run, in-process."""
+    import time
+
+    from dwm.preprocess import run as preprocess_run
+
+    if fresh:
+        shutil.rmtree(pcfg.out, ignore_errors=True)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        preprocess_run.main(pcfg)
+    dt = time.perf_counter() - t
+    report = json.loads((Path(pcfg.out) / "report.json").read_text())
+    bad = [v for v in report["videos"] if v["status"] != "ok"]
+    if bad:
+        raise RuntimeError(f"preprocess of the bench video failed: {bad[0]['reason']}")
+    return dt, report
+
+
+def frames_of(report: dict[str, Any]) -> int:
+    return int(sum(v.get("frames") or 0 for v in report["videos"] if v["status"] == "ok"))
+
+
+def work_done(report: dict[str, Any]) -> dict[str, int]:
+    """Extractor calls and decoded frames of a run (both 0: everything came from the cache)."""
+    return {"extractor_calls": int(sum(report.get("extractor_calls", {}).values())),
+            "decoded_frames": int(report.get("decoded_frames", 0))}
+
+
+def _maybe_profile(bench: Bench, sec: Section, fig: Figure, fn: Callable[[], Any]) -> None:
+    if bench.cfg.profile and fig.met is False:
+        sec.profiles[fig.name] = profile_top(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. decode limit
+# ---------------------------------------------------------------------------------------------
+def section_decode(bench: Bench, sec: Section) -> None:
+    pcfg = bench.preprocess_config(bench.out / "unused")
+    dec = decode_frames(str(bench.video), pcfg.decode)
+    dec()  # warm the page cache and decord
+    times = timed(dec, bench.repeats)
+    n = dec.frames  # type: ignore[attr-defined]
+    fps_src = float(dec.probe.orig_fps)  # type: ignore[attr-defined]
+    bench.decode_fps = median([n / t for t in times])
+    bench.decode_inputs = bench.base_inputs(pcfg, frames=n, decoder="decord", threads_decord="auto",
+                                            order="sequential")
+    sec.add(Figure("decode alone (preprocess resolution)", bench.decode_fps, "frames/s",
+                   Reference("real time (video fps)", fps_src, "frames/s"), None,
+                   bench.decode_inputs, [n / t for t in times]))
+
+    # the stage-C resolution (what the anchors decode each step, section 4b)
+    big = DecodeConfig(fps=pcfg.decode.fps, width=512, height=896, segment_frames=150,
+                       min_frames=8, max_seconds=pcfg.decode.max_seconds)
+    dec_big = decode_frames(str(bench.video), big, dec.probe)  # type: ignore[attr-defined]
+    times = timed(dec_big, bench.repeats)
+    nb = dec_big.frames  # type: ignore[attr-defined]
+    sec.add(Figure("decode alone (512x896)", median([nb / t for t in times]), "frames/s",
+                   Reference("real time (video fps)", fps_src, "frames/s"), None,
+                   {**bench.base_inputs(frames=nb), "res": "512x896", "fps": big.fps,
+                    "seconds": big.max_seconds or "all", "order": "sequential"},
+                   [nb / t for t in times]))
+    p = dec.probe  # type: ignore[attr-defined]
+    sec.notes.append(f"{bench.video.name}: {p.orig_width}x{p.orig_height} {p.orig_fps:g} fps, "
+                     f"{p.num_frames} frames, codec {p.video_codec}; decoded with decord into an "
+                     f"aspect-kept size, then centre-cropped (dwm.preprocess.decode).")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 + 3. preprocessing and cache reuse
+# ---------------------------------------------------------------------------------------------
+def warm_up(bench: Bench) -> None:
+    """One short whole-pipeline run, untimed: imports, numba's first compile (librosa), model
+    files (tiny stand-ins are built here), the page cache."""
+    pcfg = bench.preprocess_config(bench.out / "work" / "warmup", WHOLE,
+                                   **{"decode.max_seconds": 1.0})
+    run_preprocess(pcfg)
+
+
+def section_preprocess(bench: Bench, sec2: Section | None, sec3: Section | None) -> None:
+    work = bench.out / "work"
+    if bench.decode_fps is None:  # section 1 was not asked for: measure the reference anyway
+        section_decode(bench, Section("1", "decode limit"))
+    warm_up(bench)
+    pcfg_fast = bench.preprocess_config(work / "fast", FAST)
+    dec = decode_frames(str(bench.video), pcfg_fast.decode)
+    reports: dict[str, dict] = {}
+
+    # the goal figure: decode alone and the fast pipeline, interleaved
+    def fast_first() -> None:
+        reports["fast1"] = run_preprocess(pcfg_fast)[1]
+
+    def fast_second() -> None:
+        reports["fast2"] = run_preprocess(pcfg_fast, fresh=False)[1]
+
+    times = side_by_side({"decode": dec, "fast": fast_first, "fast_again": fast_second},
+                         bench.repeats)
+    n = frames_of(reports["fast1"])
+    dec_fps = [dec.frames / t for t in times["decode"]]  # type: ignore[attr-defined]
+    fast_fps = [n / t for t in times["fast"]]
+    fast_inputs = bench.base_inputs(pcfg_fast, frames=n, extractors=FAST, workers=1,
+                                    profile="tiny")
+    if sec2 is not None:
+        fig = sec2.add(Figure("pipeline, model extractors off (audio+thumbs)", median(fast_fps),
+                              "frames/s", Reference("decode alone, same run", median(dec_fps),
+                                                    "frames/s"),
+                              Goal(">=", 0.8), fast_inputs, fast_fps, dec_fps))
+        _maybe_profile(bench, sec2, fig, fast_first)
+        rt = reports["fast1"]["videos"][0].get("timings", {})
+        sec2.notes.append("fast pipeline time split (report.json timings, s): "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in rt.items()))
+    if sec3 is not None:
+        done = work_done(reports["fast2"])
+        sec3.add(Figure("second run, audio+thumbs", median(times["fast_again"]), "s",
+                        Reference("first run", median(times["fast"]), "s"), None,
+                        {**fast_inputs, **done}, times["fast_again"], times["fast"]))
+
+    # each extractor alone (the others off), end to end through the pipeline
+    if sec2 is not None:
+        ref = bench.decode_fps
+        for name in EXTRACTORS:
+            pcfg = bench.preprocess_config(work / f"only-{name}", [name])
+            runs = [run_preprocess(pcfg) for _ in range(bench.repeats)]
+            fps = [frames_of(r) / t for t, r in runs]
+            label = {"pose": f"pose ({pcfg.pose.backend})", "latents": "latents (TAESD)",
+                     "face": "face (tiny stand-in ONNX)", "clip": "clip (tiny CLIP)"}.get(name, name)
+            timings = runs[-1][1]["videos"][0].get("timings", {})
+            sec2.add(Figure(f"{label} alone, end to end", median(fps), "frames/s",
+                            Reference("decode alone (section 1)", ref, "frames/s"), None,
+                            bench.base_inputs(pcfg, frames=frames_of(runs[0][1]), extractors=[name],
+                                              workers=1, profile="tiny"), fps,
+                            note="timings " + json.dumps(timings)))
+            shutil.rmtree(pcfg.out, ignore_errors=True)
+
+    # the whole pipeline; its second run on the same folder is the cache figure
+    pcfg = bench.preprocess_config(work / "whole", WHOLE)
+    first, second, again = [], [], None
+    for _ in range(bench.repeats if (sec2 is not None or sec3 is not None) else 1):
+        t1, r1 = run_preprocess(pcfg)
+        t2, again = run_preprocess(pcfg, fresh=False)
+        first.append((t1, r1))
+        second.append(t2)
+    n = frames_of(first[0][1])
+    bench.full_run, bench.full_frames = Path(pcfg.out), n
+    whole_inputs = bench.base_inputs(pcfg, frames=n, extractors=WHOLE, workers=1, profile="tiny",
+                                     pose=pcfg.pose.backend, vae="TAESD")
+    if sec2 is not None:
+        fps = [n / t for t, _ in first]
+        sec2.add(Figure("whole pipeline (all six extractors)", median(fps), "frames/s",
+                        Reference("decode alone (section 1)", bench.decode_fps, "frames/s"), None,
+                        whole_inputs, fps))
+        rt = first[-1][1]["videos"][0].get("timings", {})
+        sec2.notes.append("whole pipeline time split (report.json timings, s): "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in rt.items())
+                          + ". With pose on, the video is decoded twice (uncropped for the pose "
+                            "track that places the crop, then cropped for the frame extractors).")
+    if sec3 is not None:
+        assert again is not None
+        done = work_done(again)
+        fig = sec3.add(Figure("second run on unchanged input (whole pipeline)", median(second), "s",
+                              Reference("first run", median([t for t, _ in first]), "s"),
+                              Goal("<=", 0.02), {**whole_inputs, **done}, second,
+                              [t for t, _ in first]))
+        if done["extractor_calls"] or done["decoded_frames"]:
+            sec3.notes.append(f"the second run was not a pure cache hit: {done}")
+        else:
+            sec3.notes.append("the second run decoded no frame and called no extractor "
+                              "(report.json counters); its time is hashing, cache look-ups, "
+                              "shard and manifest writing.")
+        rt = again["videos"][0].get("timings", {})
+        sec3.notes.append("second run time split (report.json timings, s): "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in rt.items()))
+        _maybe_profile(bench, sec3, fig, lambda: run_preprocess(pcfg, fresh=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. storage
+# ---------------------------------------------------------------------------------------------
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def npy_header_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    arr = np.load(io.BytesIO(data), allow_pickle=False, mmap_mode=None)
+    return arr.shape, arr.dtype
+
+
+def raw_f32_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of the same array saved as float32 .npy (128-byte header)."""
+    return int(np.prod(shape, dtype=np.int64)) * 4 + 128
+
+
+def section_storage(bench: Bench, sec: Section) -> None:
+    import zarr
+
+    from dwm.shared.shards import load_manifest
+
+    if bench.full_run is None:
+        raise RuntimeError("needs the whole-pipeline run of section 2")
+    run = bench.full_run
+    frames = bench.full_frames
+    report = json.loads((run / "report.json").read_text())
+    probe_frames = int(report["videos"][0].get("num_frames") or 0)
+    mp4_per_frame = bench.video.stat().st_size / max(1, probe_frames)
+    pcfg = report["config"]
+    inputs = {"video": bench.video.name, "res": f"{pcfg['decode']['width']}x{pcfg['decode']['height']}",
+              "frames": frames, "profile": "tiny", "extractors": WHOLE}
+
+    # shards: bytes of each feature's members (npy incl. header) per frame
+    manifest = load_manifest(str(run / "manifest.json"))
+    per_feat: dict[str, list[int]] = {}  # name -> [stored bytes, raw f32 bytes]
+    shard_total = 0
+    for s in manifest["shards"]:
+        shard_total += int(s["bytes"])
+        with tarfile.open(s["url"]) as tar:
+            for m in tar.getmembers():
+                if not m.name.endswith(".npy"):
+                    continue
+                feat = m.name.split(".", 1)[1][: -len(".npy")]
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                shape, _ = npy_header_shape(data)
+                acc = per_feat.setdefault(feat, [0, 0])
+                acc[0] += len(data)
+                acc[1] += raw_f32_bytes(shape)
+    for feat, (stored, raw) in sorted(per_feat.items()):
+        sec.add(Figure(f"shard: {feat}", stored / frames, "B/frame",
+                       Reference("same array as float32 .npy", raw / frames, "B/frame"), None,
+                       inputs))
+    sec.add(Figure("shards, all features (tar)", shard_total / frames, "B/frame",
+                   Reference("source mp4", mp4_per_frame, "B/frame"), None,
+                   {**inputs, "shards": len(manifest["shards"])}))
+
+    # cache: on-disk bytes of each extractor entry (Zarr, zstd) per frame
+    cache_root = Path(report.get("cache_dir") or run / "cache")
+    cache_total = dir_bytes(cache_root)
+    for video_dir in sorted(p for p in cache_root.iterdir() if p.is_dir()):
+        for entry in sorted(p for p in video_dir.iterdir() if p.is_dir()):
+            name = entry.name.rsplit("-", 1)[0]
+            if name == "probe":
+                continue
+            g = zarr.open_group(str(entry), mode="r")
+            raw = sum(raw_f32_bytes(a.shape) for _, a in g.arrays())
+            sec.add(Figure(f"cache: {name} entry", dir_bytes(entry) / frames, "B/frame",
+                           Reference("same arrays as float32 .npy", raw / frames, "B/frame"), None,
+                           {**inputs, "arrays": sorted(k for k, _ in g.arrays())}))
+    sec.add(Figure("cache, all entries (Zarr + zstd)", cache_total / frames, "B/frame",
+                   Reference("source mp4", mp4_per_frame, "B/frame"), None, inputs))
+    sec.notes.append(f"source mp4: {bench.video.stat().st_size:,} bytes / {probe_frames} frames. "
+                     "Shard members are uncompressed .npy (fp16 latents, uint8 heatmaps/masks); "
+                     "the cache stores the same arrays zstd-compressed in Zarr.")

@@ -1,0 +1,3 @@
+"""dwm.preprocess"""
+
+import dwm.shared  # noqa: F401  (fixes the cv2-before-decord import order)

@@ -39,9 +39,8 @@ from dwm.shared import config as C
 from dwm.shared import contract, media
 from dwm.shared.cli import UserFacingError
 
-# Files a training run may leave in or beside a DanceModel folder, read for the settings
-# generation must share with training (normalisation stats, SVD micro-conditioning, windows).
-TRAINING_META_FILES = ("training.json", "train_config.json", "config.json")
+# What the training engine writes into every final/ folder (stage, steps, the TrainConfig, ...).
+TRAINING_INFO = "training_info.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,21 +131,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def training_meta(ckpt: str | Path) -> dict[str, Any]:
-    """What a training run saved for inference: ``{"config": TrainConfig fields, "stats":
-    manifest normalisation stats, ...}``. Looked for in the checkpoint folder, then beside it
-    (``<output_dir>/``); missing keys fall back to the TrainConfig defaults at the call sites."""
-    ckpt = Path(ckpt)
-    meta: dict[str, Any] = {}
-    for folder in (ckpt.parent.parent, ckpt.parent, ckpt):  # nearer files win
-        for name in TRAINING_META_FILES:
-            data = _read_json(folder / name)
-            if not data or "_class_name" in data:  # a diffusers config.json is not ours
-                continue
-            if "config" in data or "stats" in data:
-                meta.update({k: v for k, v in data.items() if v is not None})
-            elif "training_stage" in data or "audio_window" in data:  # a bare TrainConfig dump
-                meta["config"] = data
-    return meta
+    """What generation must share with training, from ``<ckpt>/training_info.json``:
+    ``{"config": TrainConfig fields (empty: defaults), "norm_stats": the feature normalisation
+    statistics of the training data, or None}``. The statistics are read from the info file
+    (``data_stats``) when the engine stored them, else from the training manifest it names."""
+    from dwm.shared.shards import ManifestError, load_manifest
+
+    info = _read_json(Path(ckpt) / TRAINING_INFO)
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    stats = info.get("data_stats") or info.get("norm_stats")
+    if not stats and config.get("data"):
+        try:
+            stats = load_manifest(str(config["data"])).get("stats")
+        except (ManifestError, OSError, ValueError):
+            stats = None
+    return {"config": config, "norm_stats": stats or None, "stage": info.get("stage")}
 
 
 def train_setting(meta: dict[str, Any], key: str) -> Any:
@@ -528,7 +527,10 @@ def main(cfg: C.GenerateConfig) -> int:
     # 1-2: music -> poses
     song = song_features(cfg.music, cfg.fps, num_frames, pcfg, device)
     audio_window = int(cfg.pose_window or train_setting(meta, "audio_window"))
-    poses = predict_poses(model.m2p, song.mel, song.baseline, meta.get("stats"), audio_window,
+    if meta["norm_stats"] is None:
+        print(f"note: {cfg.ckpt}/{TRAINING_INFO} names no training data statistics; the audio "
+              "features go to the M2PEncoder unnormalised")
+    poses = predict_poses(model.m2p, song.mel, song.baseline, meta["norm_stats"], audio_window,
                           max(1, audio_window // 4), device, show)
     skel = skeleton_path(out)
     media.skeleton_video(skel, poses.bodies(), cfg.fps, size=(width, height), audio=cfg.music)

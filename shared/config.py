@@ -258,6 +258,13 @@ class EvalConfig:
     steps: int = 10
     device: str = "cpu"
     seed: int = 0
+    audio_window: int = 0  # M2PEncoder window in frames (0: the training run's audio_window)
+    diversity_frames: int = 48  # pose diversity is measured over sub-clips of this many frames
+    video_samples: int = 2  # clips the video model renders (stages B/C metrics); 0: skip them
+    video_frames: int = 16  # frames per rendered clip
+    guidance_scale: float = 2.5  # as GenerateConfig
+    pose_guidance_scale: float = 1.0
+    quiet: bool = False  # no progress bars
     models: ModelsConfig = field(default_factory=ModelsConfig)
 
 

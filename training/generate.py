@@ -133,19 +133,24 @@ def _read_json(path: Path) -> dict[str, Any]:
 def training_meta(ckpt: str | Path) -> dict[str, Any]:
     """What generation must share with training, from ``<ckpt>/training_info.json``:
     ``{"config": TrainConfig fields (empty: defaults), "norm_stats": the feature normalisation
-    statistics of the training data, or None}``. The statistics are read from the info file
-    (``data_stats``) when the engine stored them, else from the training manifest it names."""
+    statistics of the training data or None, "preprocess": the preprocessing config of the
+    training data or None}``. Statistics come from the info file (``data_stats``) when the
+    engine stored them, else from the training manifest it names (when that is still there)."""
     from dwm.shared.shards import ManifestError, load_manifest
 
     info = _read_json(Path(ckpt) / TRAINING_INFO)
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     stats = info.get("data_stats") or info.get("norm_stats")
-    if not stats and config.get("data"):
+    preprocess = None
+    if config.get("data"):
         try:
-            stats = load_manifest(str(config["data"])).get("stats")
+            manifest = load_manifest(str(config["data"]))
+            stats = stats or manifest.get("stats")
+            preprocess = manifest.get("config")
         except (ManifestError, OSError, ValueError):
-            stats = None
-    return {"config": config, "norm_stats": stats or None, "stage": info.get("stage")}
+            pass
+    return {"config": config, "norm_stats": stats or None, "preprocess": preprocess,
+            "stage": info.get("stage")}
 
 
 def train_setting(meta: dict[str, Any], key: str) -> Any:
@@ -153,10 +158,29 @@ def train_setting(meta: dict[str, Any], key: str) -> Any:
     return cfg.get(key, getattr(C.TrainConfig(), key))
 
 
-def preprocess_config(models: C.ModelsConfig, pose_backend: str = "") -> C.PreprocessConfig:
-    """The preprocessing config of the models' profile (pose backend, face detector size, audio
-    settings), with these models: generation runs the preprocessing extractors with it."""
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def preprocess_config(models: C.ModelsConfig, pose_backend: str = "",
+                      recorded: dict[str, Any] | None = None) -> C.PreprocessConfig:
+    """The preprocessing settings the extractors run with here: those ``recorded`` in a
+    manifest (``manifest["config"]``: pose backend, face detector size, audio settings) when
+    known, else the profile's defaults; always with ``models`` (this machine's weights)."""
     pcfg = C.build_preprocess_config([f"profile={models.profile}"])
+    for key, value in _flat(recorded or {}).items():
+        if key.startswith("models.") or key == "extractors":
+            continue
+        try:
+            C.apply_overrides(pcfg, {key: value})
+        except C.ConfigError:
+            pass  # a field of an older or newer preprocessing version: its default stands
     pcfg.models = models
     if pose_backend:
         pcfg.pose.backend = pose_backend  # type: ignore[assignment]
@@ -508,7 +532,7 @@ def main(cfg: C.GenerateConfig) -> int:
         raise UserFacingError(f"ckpt={cfg.ckpt}: has no M2PEncoder (m2p); it is not a dance model")
     has_video = all(getattr(model, c) is not None for c in VIDEO_COMPONENTS)
     meta = training_meta(cfg.ckpt)
-    pcfg = preprocess_config(cfg.models, cfg.pose_backend)
+    pcfg = preprocess_config(cfg.models, cfg.pose_backend, meta.get("preprocess"))
     pcfg.audio.n_mels = int(model.m2p.config.n_mels)
     components = ["dwpose"] if pcfg.pose.backend == "dwpose" else []
     if has_video:

@@ -34,8 +34,11 @@ def scheduled_sampling_ratio(step: int, total_steps: int, fraction: float) -> fl
     (``step = total_steps - 1``)."""
     if fraction <= 0 or total_steps <= 0:
         return 0.0
-    p = min(1.0, max(0.0, step / max(total_steps - 1, 1)))
-    return float(min(1.0, max(0.0, (p - (1.0 - fraction)) / fraction)))
+    last = max(total_steps - 1, 1)
+    start = (1.0 - min(fraction, 1.0)) * last
+    if step >= last:
+        return 1.0
+    return float(min(1.0, max(0.0, (step - start) / (last - start))))
 
 
 def mix_guidance(m2p: torch.Tensor, gt: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ runs dry (it starts another pass), so the DataLoader's round-robin order is stri
 Data position: (epoch, batches handed out in the epoch). On resume, physical worker ``p`` plays
 logical worker ``(p + K) % n`` (K = batches already consumed) and skips the batches that logical
 worker had produced; the skip reads tar members and the small ``.json`` only, never the arrays.
-The batch order after resume is the same as without the interruption, whatever ``num_workers``.
+The batch order after resume is the same as without the interruption, with or without worker
+processes (the worker count itself is part of the data order: keep it when resuming).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class DataPosition:
     batch: int = 0  # batches handed to the training loop in this epoch
     seed: int = 0
     batches_per_epoch: int = 0
-    num_workers: int = 0  # informational: the position is exact for any worker count
+    num_workers: int = 0  # part of the data order (samples are split across workers)
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -259,6 +260,9 @@ class TrainLoader:
         if int(state.get("seed", self.position.seed)) != self.position.seed:
             log.warning("data seed changed from %s to %s on resume: the data order differs",
                         state.get("seed"), self.position.seed)
+        if int(state.get("num_workers", self.num_workers)) != self.num_workers:
+            log.warning("num_workers changed from %s to %s on resume: the data order differs from "
+                        "the interrupted run", state.get("num_workers"), self.num_workers)
         if int(state.get("batches_per_epoch", self.batches_per_epoch)) != self.batches_per_epoch:
             raise ValueError(
                 f"cannot restore the data position: the epoch had {state['batches_per_epoch']} "

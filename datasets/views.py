@@ -183,7 +183,8 @@ def nearest_clip(feats: dict[str, np.ndarray], frame: int, dim_hint: int = 0) ->
 def base_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return {"key": meta.get("key"), "source": meta.get("source"), "fps": meta.get("fps"),
             "segment_start": meta.get("start_frame"), "video_hash": meta.get("video_hash"),
-            "width": meta.get("width"), "height": meta.get("height")}
+            "width": meta.get("width"), "height": meta.get("height"),
+            "latent_scaling_factor": meta.get("latent_scaling_factor")}
 
 
 # ---------------------------------------------------------------------------------------------

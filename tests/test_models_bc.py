@@ -109,6 +109,14 @@ def test_dropped_appearance_ignores_reference_clip_and_face(model):
     b = _run(model, x, sigma, changed)
     assert torch.allclose(a[1], b[1], atol=1e-5)  # dropped sample: unaffected
     assert not torch.allclose(a[0], b[0], atol=1e-4)  # kept sample: follows its conditions
+    # and the dropped sample got plain self-attention, as if there were no ReferenceNet at all
+    ref_net, model.reference_net = model.reference_net, None
+    try:
+        plain = _run(model, x, sigma, dataclasses.replace(cond, keep_appearance=keep))
+    finally:
+        model.reference_net = ref_net
+    assert torch.allclose(plain[1], a[1], atol=1e-5)
+    assert not torch.allclose(plain[0], a[0], atol=1e-4)
 
 
 def test_pose_guidance_zero_init_scale_and_dropout(tiny_cfg):

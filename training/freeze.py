@@ -71,10 +71,10 @@ FREEZE_MATRIX: tuple[GroupRule, ...] = (
     }, "everything else of the denoising UNet"),
     # The ReferenceNet runs the reference frame as a one-frame clip: its temporal layers only ever
     # see one frame and its output head feeds nothing, so both stay at SVD's weights.
-    GroupRule("reference_net_frozen",
-              r"^reference_net\.(.*(temporal|time_mixer|time_pos_embed)|conv_norm_out\.|conv_out\.)", {
-                  "A": UNUSED, "B": FROZEN, "C": FROZEN,
-              }, "ReferenceNet temporal layers and output head (kept from SVD)"),
+    GroupRule("reference_net_frozen", r"^reference_net\.(.*(temporal|time_mixer|time_pos_embed)"
+                                      r"|conv_norm_out\.|conv_out\.)",
+              {"A": UNUSED, "B": FROZEN, "C": FROZEN},
+              "ReferenceNet temporal layers and output head (kept from SVD)"),
     GroupRule("reference_net", r"^reference_net\.", {
         "A": UNUSED, "B": TRAIN("stage_b_lr"), "C": FROZEN,
     }, "CHAMP ReferenceNet: spatial self-attention features of the reference latent"),

@@ -85,8 +85,9 @@ def arcface_identity_loss(denoised: torch.Tensor, sigma: torch.Tensor,
     """1 - cos(ArcFace(decode_faces(denoised)), target_embed) over samples with sigma <= max_sigma.
 
     ``decode_faces(latents, index)`` maps (N, C, h, w) latents of the samples ``index`` to
-    (N, 3, 112, 112) face crops in [0, 1] (VAE decode + crop, differentiable); ``arcface`` maps crops to (B, 512) embeddings. Samples
-    at high noise are left out: their denoised estimates are too blurry for a face recogniser.
+    (N, 3, 112, 112) face crops in [0, 1] (VAE decode + crop, differentiable); ``arcface`` maps
+    crops to (N, 512) embeddings. Samples at high noise are left out: their denoised estimates
+    are too blurry for a face recogniser.
     """
     use = sigma <= max_sigma
     if valid is not None:

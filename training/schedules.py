@@ -66,7 +66,7 @@ def m2p_trains(stage: str, cfg: Any, step: int, total_steps: int) -> bool:
 def curriculum_length(step: int, total_steps: int, start_length: int, max_length: int) -> int:
     """T for ``step``: ``start_length`` at the first step, ``max_length`` at the last, linear."""
     if max_length <= start_length or total_steps <= 1:
-        return int(max(start_length, max_length) if total_steps <= 1 else start_length)
+        return int(start_length)
     p = min(1.0, max(0.0, step / (total_steps - 1)))
     return int(round(start_length + p * (max_length - start_length)))
 

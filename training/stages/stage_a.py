@@ -75,7 +75,7 @@ def _thumb(jpeg: bytes) -> np.ndarray | None:
     return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def train_statistics(manifest: dict[str, Any], max_samples: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def train_statistics(manifest: dict[str, Any], max_samples: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Mean-pose baseline (K, 3) and mean face embedding (512,) of the train split."""
     poses, faces = [], []
     for url in split_urls(manifest, "train"):

@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from dwm.training import edm, losses, schedules
-from dwm.training.models.animator import (Conditioning, build_dance_model, conditioning_latent,
-                                          denoise)
+from dwm.training.models.animator import (SVD_SCALING_FACTOR, Conditioning, build_dance_model,
+                                          conditioning_latent, denoise)
 from dwm.training.models.dance_model import DanceModel
 
 from .base import Stage
 
-DEFAULT_SCALING_FACTOR = 0.18215  # SVD's VAE; used when a sample's metadata does not say
 VALIDATION_SIGMAS = (0.05, 0.5, 2.0, 10.0)  # fixed noise levels of the validation loss
 VALIDATION_SEED = 1234
 
@@ -43,13 +42,6 @@ class VideoStage(Stage):
         return build_dance_model(cfg, self.name, init_path)
 
     # -- inputs --------------------------------------------------------------------------------
-    @staticmethod
-    def scaling_factor(batch: dict[str, Any]) -> float:
-        for meta in batch.get("meta") or []:
-            if isinstance(meta, dict) and meta.get("latent_scaling_factor"):
-                return float(meta["latent_scaling_factor"])
-        return DEFAULT_SCALING_FACTOR
-
     @staticmethod
     def clip_context(model: DanceModel, batch: dict[str, Any], b: int,
                      device: torch.device) -> torch.Tensor:
@@ -73,6 +65,11 @@ class VideoStage(Stage):
 
         m2p = model.m2p
         m2p.train(trains and model.training)
+        # BatchNorm keeps stage A's statistics: per-device batches of the video stages are tiny
+        # (often 1, where BatchNorm cannot even train) and mostly one video.
+        for module in m2p.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
         with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
             out = m2p(batch["audio_mel"], batch["audio_baseline"], batch.get("frame_mask"),
                       batch["ref_face_crop"])
@@ -106,8 +103,7 @@ class VideoStage(Stage):
             else:
                 conf = conf[:, None]
             conf = conf * batch["audio_valid"].float().reshape(-1, 1, 1)
-            target = gt_pose
-            heat_loss = losses.heatmap_loss(logits.flatten(0, 1), target.flatten(0, 1),
+            heat_loss = losses.heatmap_loss(logits.flatten(0, 1), gt_pose.flatten(0, 1),
                                             conf.flatten(0, 1))
         audio_ok = batch["audio_valid"].float()
         pose = schedules.mix_guidance(m2p_pose, gt_pose, ratio * audio_ok)
@@ -122,7 +118,10 @@ class VideoStage(Stage):
         ref = batch["ref_latent"].float()
         b, device = ref.shape[0], ref.device
         keep_pose, keep_app = schedules.dropout_masks(b, dropout, device=device)
-        scale = self.scaling_factor(batch)
+        # The shards' latents are scaled; SVD concatenates the unscaled latent of ITS VAE. The
+        # factor is the SVD VAE's even when preprocessing used TAESD (whose latents already live
+        # in the scaled SD/SVD space).
+        scale = SVD_SCALING_FACTOR
         return Conditioning(
             ref_latent=ref, clip_embed=self.clip_context(model, batch, b, device),
             face_embed=face, pose=pose, pose_scale=pose_scale,
@@ -180,8 +179,10 @@ class StageB(VideoStage):
         return out
 
     # -- the ArcFace form of L_id (id_loss_form=arcface) ---------------------------------------
-    def identity_models(self, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(VAE, TorchArcFace), frozen, loaded on first use (not pickled with the stage)."""
+    def identity_models(self, device: torch.device
+                        ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+        """(VAE, TorchArcFace, the VAE's scaling factor), frozen, loaded on first use (not
+        pickled with the stage)."""
         cached = self.__dict__.get("_identity_models")
         if cached is None:
             from dwm.shared.cli import UserFacingError
@@ -194,18 +195,18 @@ class StageB(VideoStage):
             if not Path(self.cfg.arcface_weights).is_dir():
                 raise UserFacingError(f"arcface_weights={self.cfg.arcface_weights}: no such "
                                       "folder (config.json + diffusion_pytorch_model.safetensors)")
-            vae, _ = load_vae(self.cfg.models, device=device)
+            vae, vae_scale = load_vae(self.cfg.models, device=device)
             arcface = losses.TorchArcFace.from_pretrained(self.cfg.arcface_weights).to(device)
             for m in (vae, arcface):
                 m.requires_grad_(False).eval()
-            cached = self.__dict__["_identity_models"] = (vae, arcface)
+            cached = self.__dict__["_identity_models"] = (vae, arcface, float(vae_scale))
         return cached
 
     def arcface_loss(self, batch: dict[str, Any], denoised: torch.Tensor,
                      sigma: torch.Tensor) -> torch.Tensor:
-        vae, arcface = self.identity_models(denoised.device)
+        vae, arcface, vae_scale = self.identity_models(denoised.device)
         mask = batch["face_mask"].float()
-        decode = losses.make_face_decoder(vae, self.scaling_factor(batch), mask)
+        decode = losses.make_face_decoder(vae, vae_scale, mask)
         valid = batch["face_valid"].float() * (mask.flatten(1).amax(-1) > 0.5).float()
         return losses.arcface_identity_loss(denoised, sigma, decode, arcface,
                                             batch["face_embed"].float(), valid,

@@ -1,0 +1,123 @@
+"""Stage A on the real preprocessed sample video (mediapipe pose): the M2PEncoder overfits a few
+real windows well past the mean-pose baseline, validation writes its metrics, pictures and an
+mp4 with the music, and no pretrained model (ArcFace, VAE, CLIP) is ever loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dwm.datasets import batch_to_device, eval_batches, make_view
+from dwm.shared.config import build_train_config
+from dwm.shared.shards import load_manifest
+from dwm.training.stages import get_stage
+from dwm.training.stages.stage_a import StageA, stage_a_losses
+
+WINDOW = 24
+OVERFIT_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def real_windows(sample_dataset):
+    manifest = str(sample_dataset)
+    cfg = build_train_config(["model_size=tiny", "stage=A", f"data={manifest}",
+                              f"audio_window={WINDOW}", "stage_a_lr=3e-3"])
+    m = load_manifest(manifest)
+    view = make_view("A", m["stats"], cfg, with_thumbs=True)
+    batches = eval_batches(m, view, 2, split="train", max_batches=1, seed=0)
+    return cfg, [batch_to_device(b, "cpu") for b in batches]
+
+
+def test_real_view_a_batch(real_windows):
+    cfg, batches = real_windows
+    b = batches[0]
+    B = b["audio_mel"].shape[0]
+    assert b["audio_mel"].shape == (B, WINDOW, 80) and b["audio_baseline"].shape == (B, WINDOW, 35)
+    assert b["heatmap"].shape[:3] == (B, WINDOW, 18) and b["heatmap"].dtype == torch.float32
+    assert torch.isfinite(b["audio_mel"]).all() and b["frame_mask"].sum() > 0
+    assert 0 <= float(b["coords"].min()) and float(b["coords"].max()) <= 1.5
+    assert b["conf"].max() > 0.3  # mediapipe found the dancer
+    assert b["face_embed"].shape == (B, 512) and len(b["thumbs"][0]) == WINDOW
+
+
+def test_stage_a_loads_no_pretrained_model(real_windows, monkeypatch):
+    from dwm.shared import registry
+
+    def refuse(*a, **k):
+        raise AssertionError("stage A must not load a pretrained component")
+
+    for name in ("load_vae", "load_clip", "load_unet", "insightface_root", "ensure_available"):
+        if hasattr(registry, name):
+            monkeypatch.setattr(registry, name, refuse)
+    cfg, batches = real_windows
+    stage = get_stage("A")(cfg)
+    model = stage.build_model(cfg, None)
+    assert set(model.components()) == {"m2p"}
+    loss, terms = stage.compute_loss(model, batches[0], 0, 10)
+    loss.backward()
+    assert torch.isfinite(loss) and {"heatmap_ce", "coord_l1", "face", "pose"} <= set(terms)
+    # the l2 face loss option
+    cfg.face_loss = "l2"
+    out = model.m2p(batches[0]["audio_mel"], batches[0]["audio_baseline"], batches[0]["frame_mask"],
+                    batches[0]["face_crop"])
+    _, terms_l2 = stage_a_losses(out, batches[0], cfg)
+    cfg.face_loss = "cosine"
+    assert terms_l2["face"] == pytest.approx(2 * terms["face"], rel=1e-3)  # |a-b|^2 = 2 - 2cos
+
+
+def test_overfit_beats_mean_pose_baseline(real_windows, tmp_path):
+    cfg, batches = real_windows
+    torch.manual_seed(0)
+    stage = StageA(cfg)
+    model = stage.build_model(cfg, None)
+    opt = torch.optim.AdamW(model.set_training_stage("A", cfg), lr=cfg.stage_a_lr, weight_decay=0.0)
+    model.train()
+    for step in range(OVERFIT_STEPS):
+        loss, _ = stage.compute_loss(model, batches[0], step, OVERFIT_STEPS)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "logs"))
+    model.eval()
+    metrics = stage.validate(model, batches, OVERFIT_STEPS, writer, tmp_path / "validation")
+    writer.close()
+    print("overfit metrics:", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    assert metrics["pck@0.2"] >= metrics["baseline_pck@0.2"] + 0.15
+    assert metrics["mean_joint_error"] < metrics["baseline_mean_joint_error"]
+    assert metrics["face_cosine"] > 0.5
+    # the validation media: skeleton pictures in TensorBoard, an mp4 with the music muxed in
+    events = list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 10_000  # holds an image
+    videos = list((tmp_path / "validation").glob("*.mp4"))
+    assert len(videos) == 1
+    from dwm.shared import media
+
+    info = media.probe(videos[0])
+    assert info["has_video"] and info["num_frames"] in (WINDOW, None)
+    source = batches[0]["meta"][0]["source"]
+    if source and Path(source).is_file():
+        assert info["has_audio"]
+
+
+def test_validation_metrics_on_val_split(sample_dataset, tmp_path):
+    """Validation on the held-out video: numbers exist and the baseline is a sane reference."""
+    manifest = str(sample_dataset)
+    cfg = build_train_config(["model_size=tiny", "stage=A", f"data={manifest}", f"audio_window={WINDOW}"])
+    m = load_manifest(manifest)
+    view = make_view("A", m["stats"], cfg, with_thumbs=True)
+    batches = [batch_to_device(b, "cpu") for b in eval_batches(m, view, 2, split="val", max_batches=1)]
+    assert batches, "the sample dataset has a val split"
+    stage = StageA(cfg)
+    model = stage.build_model(cfg, None).eval()
+    metrics = stage.validate(model, batches, 0, None, tmp_path)
+    for k in ("pck@0.1", "pck@0.2", "mean_joint_error", "baseline_pck@0.1", "baseline_pck@0.2",
+              "baseline_mean_joint_error"):
+        assert k in metrics and np.isfinite(metrics[k]), k
+    assert metrics["baseline_pck@0.2"] >= metrics["baseline_pck@0.1"]

@@ -1,0 +1,114 @@
+"""Section 5: the train step of each stage (tiny models), split into data-wait / forward /
+backward / optimiser by the engine itself.
+
+Each repetition is a real :func:`dwm.training.engine.run_stage` on the shards of the whole
+preprocessing run (section 2), with the TrainConfig's default loader settings (workers, prefetch,
+shuffle buffer, pinning) and ``log_steps=1``: the engine then logs its per-step timing split
+(``perf/*``) to TensorBoard, which is read back here. The first steps (worker start, first
+batches, lazy set-up) are warm-up and left out; a repetition's figure is the mean of the steps
+after them, and the table shows the median over repetitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dwm.shared.config import TrainConfig, build_train_config
+
+from .common import Bench
+from .report import Figure, Goal, Reference, Section, median
+from .timing import profile_top
+
+PARTS = ("data", "forward", "backward", "optimizer")
+STEPS_KEY = {"A": "stage_a_steps", "B": "stage_b_steps", "C": "stage_c_steps"}
+
+
+def read_perf(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """``perf/<name>`` scalars of a run: name -> [(step, value)] in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    out = {}
+    for tag in ea.Tags().get("scalars", []):
+        if tag.startswith("perf/"):
+            out[tag[5:]] = sorted((e.step, e.value) for e in ea.Scalars(tag))
+    return out
+
+
+def train_config(bench: Bench, stage: str, out: Path, steps: int, workers: int | None = None,
+                 ) -> TrainConfig:
+    d = TrainConfig()
+    base = build_train_config(["model_size=tiny"], stage=stage)
+    total = max(int(getattr(base, STEPS_KEY[stage])), steps)
+    ov = {"model_size": "tiny", "data": str(bench.full_run / "manifest.json"),
+          "output_dir": str(out), "models.models_dir": str(bench.models_dir),
+          "validation_steps": 0, "checkpointing_steps": 0, "log_steps": 1,
+          # the default loader settings (the tiny profile turns workers off for tests)
+          "num_workers": d.num_workers if workers is None else workers,
+          "prefetch_factor": d.prefetch_factor, "pin_memory": d.pin_memory,
+          "shuffle_buffer": d.shuffle_buffer,
+          "epoch_samples": 10**5,  # one long epoch: no worker restart inside the timing
+          STEPS_KEY[stage]: total}
+    return build_train_config([f"{k}={v}" for k, v in ov.items()], stage=stage)
+
+
+def run_steps(bench: Bench, stage: str, out: Path, steps: int, workers: int | None = None):
+    from dwm.training.engine import run_stage
+    from dwm.training.stages import get_stage
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = train_config(bench, stage, out, steps, workers)
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = run_stage(get_stage(stage)(cfg), cfg, None, max_steps=steps, save_final=False)
+    return cfg, res
+
+
+def section_train(bench: Bench, sec: Section) -> None:
+    if bench.full_run is None:
+        raise RuntimeError("needs the shards of the whole-pipeline run (section 2)")
+    warm = 1 if bench.quick else 3
+    steps = 2 if bench.quick else max(2, bench.cfg.train_steps)
+    workers = TrainConfig().num_workers if bench.cfg.workers < 0 else bench.cfg.workers
+    for stage in ("A", "B", "C"):
+        per_rep: dict[str, list[float]] = {k: [] for k in (*PARTS, "step", "samples_per_s")}
+        cfg = None
+        for rep in range(bench.repeats):
+            out = bench.out / "work" / "train" / f"{stage}-r{rep}"
+            cfg, res = run_steps(bench, stage, out, warm + steps, workers)
+            perf = read_perf(out / f"stage_{stage}" / "logs")
+            timed = {k: [v for s, v in perf[f"{k}_ms"] if s > warm] for k in (*PARTS, "step")}
+            if not timed["step"]:
+                raise RuntimeError(f"stage {stage}: the engine logged no per-step timing")
+            for k, vals in timed.items():
+                per_rep[k].append(sum(vals) / len(vals))
+            sps = [v for s, v in perf["samples_per_s"] if s > warm]
+            per_rep["samples_per_s"].append(sum(sps) / len(sps))
+        assert cfg is not None
+        step_ms = median(per_rep["step"])
+        inputs = {"model": "tiny", "data": f"{bench.video.name} shards (section 2, tiny profile)",
+                  "batch": cfg.train_batch_size, "workers": workers,
+                  "prefetch": cfg.prefetch_factor, "timed_steps": steps, "warmup_steps": warm,
+                  "threads": bench.threads, "repeats": bench.repeats}
+        if stage == "A":
+            inputs["W"] = cfg.audio_window
+        if stage == "C":
+            inputs["T"] = f"{cfg.sequence_length}..{cfg.max_sequence_length}"
+        for part in PARTS:
+            label = {"data": "data-wait", "optimizer": "optimiser"}[part] if part in (
+                "data", "optimizer") else part
+            fig = sec.add(Figure(f"stage {stage}: {label}", median(per_rep[part]), "ms/step",
+                                 Reference("whole step", step_ms, "ms/step"),
+                                 Goal("<=", 0.02) if part == "data" else None, inputs,
+                                 per_rep[part], per_rep["step"]))
+            if part == "data" and fig.met is False and bench.cfg.profile:
+                # in-process loading (workers=0) so that cProfile sees the data work too
+                out = bench.out / "work" / "train" / f"{stage}-profile"
+                sec.profiles[fig.name] = profile_top(
+                    lambda: run_steps(bench, stage, out, warm + steps, workers=0))
+        sec.notes.append(f"stage {stage}: {median(per_rep['samples_per_s']):.2f} samples/s, "
+                         f"step {step_ms:.0f} ms (median of repetitions; engine StepStats).")

@@ -58,14 +58,33 @@ def train_config(bench: Bench, stage: str, out: Path, steps: int, workers: int |
 
 
 def run_steps(bench: Bench, stage: str, out: Path, steps: int, workers: int | None = None):
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = train_config(bench, stage, out, steps, workers)
+    return cfg, run_config(cfg, stage, steps)
+
+
+def run_config(cfg: TrainConfig, stage: str, steps: int):
+    """``steps`` steps of ``stage`` through the engine (quietly); its StageResult."""
     from dwm.training.engine import run_stage
     from dwm.training.stages import get_stage
 
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = train_config(bench, stage, out, steps, workers)
     with contextlib.redirect_stdout(io.StringIO()):
-        res = run_stage(get_stage(stage)(cfg), cfg, None, max_steps=steps, save_final=False)
-    return cfg, res
+        return run_stage(get_stage(stage)(cfg), cfg, None, max_steps=steps, save_final=False)
+
+
+def step_means(logdir: Path, warm: int) -> dict[str, float]:
+    """Mean per-step ms of data/forward/backward/optimizer/step and samples/s, over the steps
+    after ``warm`` (from the engine's ``perf/*`` TensorBoard scalars, ``log_steps=1``)."""
+    perf = read_perf(logdir)
+    out = {}
+    for k in (*PARTS, "step"):
+        vals = [v for s, v in perf.get(f"{k}_ms", []) if s > warm]
+        if not vals:
+            raise RuntimeError(f"{logdir}: the engine logged no per-step timing after step {warm}")
+        out[k] = sum(vals) / len(vals)
+    sps = [v for s, v in perf.get("samples_per_s", []) if s > warm]
+    out["samples_per_s"] = sum(sps) / max(1, len(sps))
+    return out
 
 
 def section_train(bench: Bench, sec: Section) -> None:
@@ -79,15 +98,9 @@ def section_train(bench: Bench, sec: Section) -> None:
         cfg = None
         for rep in range(bench.repeats):
             out = bench.out / "work" / "train" / f"{stage}-r{rep}"
-            cfg, res = run_steps(bench, stage, out, warm + steps, workers)
-            perf = read_perf(out / f"stage_{stage}" / "logs")
-            timed = {k: [v for s, v in perf[f"{k}_ms"] if s > warm] for k in (*PARTS, "step")}
-            if not timed["step"]:
-                raise RuntimeError(f"stage {stage}: the engine logged no per-step timing")
-            for k, vals in timed.items():
-                per_rep[k].append(sum(vals) / len(vals))
-            sps = [v for s, v in perf["samples_per_s"] if s > warm]
-            per_rep["samples_per_s"].append(sum(sps) / len(sps))
+            cfg, _res = run_steps(bench, stage, out, warm + steps, workers)
+            for k, v in step_means(out / f"stage_{stage}" / "logs", warm).items():
+                per_rep[k].append(v)
         assert cfg is not None
         step_ms = median(per_rep["step"])
         inputs = {"model": "tiny", "data": f"{bench.video.name} shards (section 2, tiny profile)",

@@ -71,7 +71,9 @@ class EntryWriter:
         shape = tuple(int(s) for s in shape)
         if chunks is None:
             chunks = shape if shape else ()
-        chunks = tuple(max(1, min(int(c), max(1, s))) for c, s in zip(chunks, shape))
+        # clamp chunks to the shape, except along an empty (growable) axis: there the asked
+        # chunk stays, or every later append would write one chunk per element
+        chunks = tuple(max(1, min(int(c), s) if s > 0 else int(c)) for c, s in zip(chunks, shape))
         arr = self.group.create_array(name, shape=shape, chunks=chunks or None, dtype=np.dtype(dtype),
                                       compressors=_compressors(), fill_value=0,
                                       attributes={"doc": doc, **attrs})

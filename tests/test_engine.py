@@ -73,7 +73,7 @@ def test_resume_is_exact_and_checkpoints_rotate(synth, tmp_path):
 
 # First losses of a seeded tiny run (seed 42, synthetic data seed 0, CPU float32), recorded
 # from this code; a change in the model, loss, data order or init shows up here.
-GOLDEN = [5.523765, 5.339979, 5.021218]
+GOLDEN = [5.523742, 5.344115, 5.02529]
 
 
 def test_golden_loss(synth, tmp_path):

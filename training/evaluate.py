@@ -231,7 +231,10 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
     res["bas_random_beats"] = _nanmean(bas_rand)
     res["baseline"]["bas"] = _nanmean(bas_base)
 
+    # sub-clips of diversity_frames frames; shorter when the split is too small for two of them
     length = max(3, min(diversity_frames, min(len(s) for s in gt_seqs)))
+    while length > 6 and len(_sub_clips(gt_seqs, length)) < 2:
+        length //= 2
     fps = clips[0].fps
     gt_sub, pred_sub = _sub_clips(gt_seqs, length), _sub_clips(pred_seqs, length)
     base_sub = _sub_clips([np.broadcast_to(baseline_pose, s.shape) for s in gt_seqs], length)

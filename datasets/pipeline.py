@@ -20,6 +20,7 @@ processes (the worker count itself is part of the data order: keep it when resum
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -32,8 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from dwm.shared import storage
-from dwm.shared.shards import ManifestError, check_member_name, load_manifest
+from dwm.shared.shards import ManifestError, check_member_name, load_manifest, read_shard
 
 from .views import View, collate, sample_meta
 
@@ -58,12 +58,9 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
         check_member_name(fname, url)  # raises ManifestError for unsafe names
         return True
 
-    fs, path = storage.fs_and_path(url)
-    try:
-        fh = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise ManifestError(f"{url}: shard listed in the manifest is missing") from None
-    with fh:
+    # the whole shard is read and checked against the manifest's sha256 before any sample of
+    # it is used (URLs from load_manifest carry the digest; see shards.ShardURL)
+    with io.BytesIO(read_shard(url)) as fh:
         files = tariterators.tar_file_iterator(fh, select_files=safe)
         files = ({**f, "__url__": url} for f in files)
         yield from tariterators.group_by_keys(files)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,10 @@ from .probe import ProbeInfo
 
 class DecodeError(RuntimeError):
     pass
+
+
+MIN_CROP_FRACTION = 0.15  # landscape 16:9 -> portrait 9:16 keeps 32%; 32:9 keeps 18%
+MAX_UPSCALE = 8.0
 
 
 @dataclass
@@ -77,6 +82,18 @@ def make_plan(probe: ProbeInfo, cfg: DecodeConfig) -> Plan:
     if not segments:
         raise ValueError(f"too few frames: {n} at {cfg.fps:g} fps, need at least {cfg.min_frames}")
     dw, dh, scale = decode_size(probe.orig_width, probe.orig_height, cfg.width, cfg.height)
+    # a crop of a sliver (10000x10) or of a thumbnail blown up many times is no training data,
+    # and its decode size can be huge: refuse it with the reason
+    kept = min(cfg.width / dw, cfg.height / dh)
+    if kept < MIN_CROP_FRACTION:
+        raise ValueError(
+            f"frame {probe.orig_width}x{probe.orig_height}: aspect ratio too far from the "
+            f"{cfg.width}x{cfg.height} target (the crop would keep {kept:.2%} of the frame's long "
+            f"side, need {MIN_CROP_FRACTION:.0%})")
+    if scale > MAX_UPSCALE:
+        raise ValueError(f"frame {probe.orig_width}x{probe.orig_height} is too small for the "
+                         f"{cfg.width}x{cfg.height} target (it would be upscaled {scale:.1f}x, "
+                         f"at most {MAX_UPSCALE}x)")
     return Plan(
         fps=float(cfg.fps),
         num_frames=sum(length for _, length in segments),
@@ -105,29 +122,43 @@ class SegmentReader:
         import decord
 
         self.path, self.probe, self.plan, self.chunk = path, probe, plan, max(1, chunk)
-        w, h = plan.decode_width, plan.decode_height
-        if probe.rotation in (90, 270):  # decord decodes in the coded orientation
-            w, h = h, w
+        # decord applies the display matrix itself when it resizes: width/height are in display
+        # orientation and the frames come out upright (measured with decord 0.6.0)
         try:
-            self.vr = decord.VideoReader(path, width=w, height=h, num_threads=threads)
+            self.vr = decord.VideoReader(path, width=plan.decode_width, height=plan.decode_height,
+                                         num_threads=threads)
         except Exception as e:
             raise DecodeError(f"{path}: decord cannot open it ({str(e).strip()[:200]})") from None
         self.src_frames = min(len(self.vr), probe.num_frames)
         self.frames_decoded = 0
+        self.seconds = 0.0  # time spent decoding (for the report)
+        self.pts = self._vfr_timestamps()
 
-    def _rotate(self, frames: np.ndarray) -> np.ndarray:
-        r = self.probe.rotation
-        if r == 90:
-            return np.ascontiguousarray(np.rot90(frames, k=-1, axes=(1, 2)))
-        if r == 180:
-            return np.ascontiguousarray(frames[:, ::-1, ::-1])
-        if r == 270:
-            return np.ascontiguousarray(np.rot90(frames, k=1, axes=(1, 2)))
-        return frames
+    def _vfr_timestamps(self) -> np.ndarray | None:
+        """Presentation times (s) of the source frames when the stream's frame rate varies
+        (a frame more than half a frame period away from ``k / fps``), else None."""
+        n = self.src_frames
+        if n < 2:
+            return None
+        try:
+            ts = np.asarray(self.vr.get_frame_timestamp(np.arange(n)), np.float64)[:, 0]
+        except Exception:
+            return None
+        ts = ts - ts[0]
+        regular = np.arange(n) / self.probe.orig_fps
+        if np.abs(ts - regular).max() <= 0.5 / self.probe.orig_fps:
+            return None
+        return ts
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Resampled frames [start, start+length) as (T, decode_h, decode_w, 3) uint8."""
-        idx = source_indices(start, length, self.probe.orig_fps, self.plan.fps, self.src_frames)
+        t0 = time.perf_counter()
+        if self.pts is None:
+            idx = source_indices(start, length, self.probe.orig_fps, self.plan.fps, self.src_frames)
+        else:  # variable frame rate: the frame on screen at time i / fps, by timestamps
+            t = np.arange(start, start + length, dtype=np.float64) / self.plan.fps
+            idx = np.clip(np.searchsorted(self.pts, t + 1e-3, side="right") - 1, 0,
+                          self.src_frames - 1)
         uniq, inverse = np.unique(idx, return_inverse=True)
         parts = []
         for c in range(0, len(uniq), self.chunk):
@@ -139,11 +170,11 @@ class SegmentReader:
                     f"{self.path}: decode failed at source frame {want[0]} "
                     f"(truncated or corrupt: {str(e).strip()[:160]})") from None
         frames = np.concatenate(parts, axis=0)[inverse]
-        frames = self._rotate(frames)
         exp = (length, self.plan.decode_height, self.plan.decode_width, 3)
         if frames.shape != exp:
             raise DecodeError(f"{self.path}: decoded shape {frames.shape}, expected {exp}")
         self.frames_decoded += len(uniq)
+        self.seconds += time.perf_counter() - t0
         return frames
 
     def segments(self) -> Iterator[tuple[int, int, int, np.ndarray]]:

@@ -134,7 +134,7 @@ class VideoProcessor:
         if "pose" in self.extractors:
             keys["pose"] = self.key("pose", base_inputs)
             if not cache.has(vh, "pose", keys["pose"]):
-                self._run_pose(task, probe, plan, keys["pose"], base_inputs)
+                self._run_pose(task, probe, plan, keys["pose"], base_inputs, row)
             attrs = dict(cache.open(vh, "pose", keys["pose"]).attrs)
             crops = [tuple(c) for c in attrs["crop_boxes"]]
             frac = float(attrs["person_fraction"])
@@ -183,7 +183,7 @@ class VideoProcessor:
             if not cache.has(vh, name, keys[name]):
                 missing.append((name, inputs))
         if missing:
-            self._run_frames(task, probe, plan, crops, missing, keys)
+            self._run_frames(task, probe, plan, crops, missing, keys, row)
         self._timed(row, "features", t0)
         row["keys"] = keys
 
@@ -203,7 +203,7 @@ class VideoProcessor:
                 w.create(an, (0, *s.tail), s.dtype, (s.chunk or 4096, *s.tail), s.doc)
 
     def _run_pose(self, task: VideoTask, probe: ProbeInfo, plan: Plan, key: str,
-                  inputs: dict) -> None:
+                  inputs: dict, row: dict) -> None:
         cfg, ext = self.cfg, self.extractors["pose"]
         ds = cfg.pose.heatmap_downsample
         h, w = plan.height // ds, plan.width // ds
@@ -240,6 +240,7 @@ class VideoProcessor:
                     writer.arrays[k][start : start + length] = v
                 digest.update(out["body"].tobytes() + out["face"].tobytes())
             self.decoded_frames += reader.frames_decoded
+            row["timings"]["decode"] = round(row["timings"].get("decode", 0) + reader.seconds, 4)
             crops_arr = np.asarray(crops, np.int32)
             writer.put("crop_boxes", crops_arr, "per segment [x0, y0, x1, y1] in decode pixels")
             writer.put("crop_boxes_orig", crops_arr / plan.scale,
@@ -275,7 +276,7 @@ class VideoProcessor:
 
     # -- frame extractors -------------------------------------------------------------------
     def _run_frames(self, task: VideoTask, probe: ProbeInfo, plan: Plan, crops: list,
-                    missing: list[tuple[str, dict]], keys: dict[str, str]) -> None:
+                    missing: list[tuple[str, dict]], keys: dict[str, str], row: dict) -> None:
         cfg, vh = self.cfg, task.video_hash
         ctx = X.VideoContext(vh, task.path, plan.num_frames, plan.fps, plan.width, plan.height,
                              probe.duration)
@@ -304,10 +305,12 @@ class VideoProcessor:
                     ext = self.extractors[name]
                     bs = max(1, ext.batch_size)
                     parts = []
+                    t_ext = time.perf_counter()
                     for b in range(0, length, bs):
                         idx = np.arange(start + b, start + min(b + bs, length))
                         ex = {k: v[b : b + bs] for k, v in extras.items()}
                         parts.append(ext(X.FrameBatch(frames[b : b + bs], idx, idx - start, si, ex)))
+                    self._timed(row, name, t_ext)
                     w = writers[name]
                     for an, s in specs[name].items():
                         data = np.concatenate([np.asarray(p[an]) for p in parts]).astype(s.dtype)
@@ -317,6 +320,7 @@ class VideoProcessor:
                             w.arrays[an].append(data, axis=0)
                 del frames
             self.decoded_frames += reader.frames_decoded
+            row["timings"]["decode"] = round(row["timings"].get("decode", 0) + reader.seconds, 4)
             for name, _ in missing:
                 arrays, attrs = self.extractors[name].finish()
                 for an, arr in arrays.items():

@@ -14,6 +14,7 @@ with their defaults. A bad key or value fails with one line naming it.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -106,7 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, UserFacingError) as e:
         print(f"dwm {name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # the machine, not the program: disk full, quota, read-only or forbidden path. Files
+        # are written atomically, so what was written before is intact; a re-run continues.
+        print(f"dwm {name}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0) if isinstance(result, int) else 0
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 class UserFacingError(RuntimeError):

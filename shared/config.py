@@ -294,7 +294,7 @@ class DemoConfig:
     seconds: float = 4.0  # length of the generated song/video
     clips: int = 3  # generated clips (when videos is empty)
     width: int = 128  # preprocessing (and generation) frame size: small, for 2 CPU cores
-    height: int = 224
+    height: int = 256  # sides multiples of 64: the tiny M2PEncoder upsamples its heatmaps x8
     steps: int = 4  # sampling steps of generate and eval
     generate_seconds: float = 2.0  # length of the generated dance
     quick: bool = False  # a few training steps per stage only (tests)

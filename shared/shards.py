@@ -167,8 +167,40 @@ def load_manifest(path: str) -> dict[str, Any]:
         )
     base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
     for s in manifest["shards"]:
-        s["url"] = storage.join(base, s["name"])
+        s["url"] = ShardURL(storage.join(base, s["name"]), s.get("sha256"))
     return manifest
+
+
+class ShardURL(str):
+    """A shard's URL that remembers the manifest's sha256, so every reader that gets the URL
+    from a manifest (directly or through ``split_urls``) checks the bytes: :func:`read_shard`."""
+
+    sha256: str | None
+
+    def __new__(cls, url: str, sha256: str | None = None) -> ShardURL:
+        obj = super().__new__(cls, url)
+        obj.sha256 = sha256
+        return obj
+
+    def __reduce__(self):  # keep the digest across DataLoader worker processes
+        return (ShardURL, (str(self), self.sha256))
+
+
+def read_shard(url: str) -> bytes:
+    """The bytes of one shard; a :class:`ShardURL` is checked against the manifest's sha256
+    before anything of it is used (ManifestError naming the shard when it does not match)."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: shard listed in the manifest is missing") from None
+    want = getattr(url, "sha256", None)
+    if want:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != want:
+            raise ManifestError(
+                f"{url}: sha256 {digest[:12]}... does not match the manifest ({want[:12]}...); "
+                f"the shard is corrupt or was replaced: refusing to read it")
+    return data
 
 
 def verify_shards(manifest: dict[str, Any]) -> None:

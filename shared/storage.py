@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,9 +73,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
                 with contextlib.suppress(Exception):
                     os.fsync(fh.fileno())
         fs.mv(tmp, final)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
+        if isinstance(e, OSError) and e.errno and e.filename is None:
+            # e.g. ENOSPC from write(): name the file that could not be written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -87,14 +91,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# zarr's LocalStore writes ``<name>.<uuid hex>.partial`` and renames it: a kill leaves it behind
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
 def remove_temporaries(directory: str | os.PathLike) -> int:
-    """Delete leftovers of interrupted atomic writes under ``directory``; returns how many."""
+    """Delete leftovers of interrupted atomic writes under ``directory`` (ours and zarr's);
+    returns how many."""
     fs, p = fs_and_path(directory)
     if not fs.exists(p):
         return 0
     n = 0
-    for f in fs.find(p, withdirs=True):
-        if f.rsplit("/", 1)[-1].startswith(TMP_MARK):
+    for f in sorted(fs.find(p, withdirs=True), key=len):
+        name = f.rsplit("/", 1)[-1]
+        if (name.startswith(TMP_MARK) or _ZARR_PARTIAL.search(name)) and fs.exists(f):
             fs.rm(f, recursive=True)
             n += 1
     return n

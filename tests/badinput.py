@@ -158,14 +158,32 @@ def make_corpus(root: str | Path, seconds: float = 1.5) -> tuple[Path, dict[str,
     cases.append(Case("vfr.mp4", "ok", "", "variable frame rate (12 frames missing)",
                       "frames follow the timestamps (band of frame 7 held over the gap)"))
 
-    # rotation: stored landscape (turned 90 degrees counter-clockwise), display matrix says
-    # "turn 90 degrees clockwise": shown upright it is the portrait clip again
+    # rotation: stored landscape (the portrait clip turned 90 degrees clockwise) with a display
+    # matrix that turns it back; ffmpeg's own autorotation shows the upright clip (checked)
     rot_src = good_clip(src / "rot_src.mp4", seconds, seed=5, audio=True)
-    ffmpeg("-i", str(rot_src), "-vf", "transpose=2", "-c:v", "libx264", "-crf", "12",
-           "-c:a", "copy", "-metadata:s:v", "rotate=90", str(vids / "rotated.mp4"))
-    cases.append(Case("rotated.mp4", "ok", "", "rotation metadata (90 degrees)",
-                      "rotation=90, 72x128 upright, same pictures as the unrotated source"))
+    stored = src / "rot_stored.mp4"
+    ffmpeg("-i", str(rot_src), "-vf", "transpose=1", "-c:v", "libx264", "-crf", "12",
+           "-c:a", "copy", str(stored))
+    ffmpeg("-i", str(stored), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(vids / "rotated.mp4"))
+    _check_display(vids / "rotated.mp4", rot_src, src)
+    cases.append(Case("rotated.mp4", "ok", "", "stored 128x72 + display matrix (90 degrees)",
+                      "rotation read, 72x128 upright, same pictures as the unrotated source"))
     return vids, {c.name: c for c in cases}
+
+
+def first_frame(path: Path, png: Path) -> np.ndarray:
+    """Frame 0 as ffmpeg shows it (autorotated), RGB."""
+    import cv2
+
+    ffmpeg("-i", str(path), "-frames:v", "1", str(png))
+    return cv2.imread(str(png))[:, :, ::-1]
+
+
+def _check_display(rotated: Path, upright: Path, scratch: Path) -> None:
+    a = first_frame(rotated, scratch / "rot_disp.png").astype(int)
+    b = first_frame(upright, scratch / "rot_orig.png").astype(int)
+    if a.shape != b.shape or np.abs(a - b).mean() > 4:
+        raise RuntimeError(f"{rotated}: ffmpeg does not show it upright; the corpus is wrong")
 
 
 def sources(root: str | Path) -> dict[str, Path]:

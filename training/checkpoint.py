@@ -98,6 +98,16 @@ def rotate(stage_dir: Path, limit: int) -> list[Path]:
     return removed
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint; anything else (a pickle under that name, a truncated
+    file) is refused with a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the checkpoint is "
+                              f"damaged or was tampered with") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # optimiser state <-> safetensors + json
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +137,7 @@ def optimizer_from_files(src: Path, current: dict[str, Any]) -> dict[str, Any]:
     """A state dict for ``optimizer.load_state_dict``; non-JSON group entries (the freeze
     matrix's mode objects) come from the ``current`` optimiser."""
     meta = json.loads((src / "optimizer.json").read_text())
-    tensors = load_file(str(src / "optimizer.safetensors"))
+    tensors = _load_tensors(src / "optimizer.safetensors")
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         _, idx, key = name.split(".", 2)
@@ -170,7 +180,7 @@ def rng_from_files(src: Path, rank: int) -> None:
     if not st.is_file():
         log.warning("%s: no RNG state for process %d; continuing with the current RNG", src, rank)
         return
-    tensors = load_file(str(st))
+    tensors = _load_tensors(st)
     meta = json.loads((src / f"rng_{rank}.json").read_text())
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
@@ -196,7 +206,7 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
             raise CheckpointError(f"{model_dir / name}: no safetensors weights for component {name}")
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(str(f)))
+            state.update(_load_tensors(f))
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{model_dir / name}: weights do not fit the model "

@@ -239,9 +239,17 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
     gt_sub, pred_sub = _sub_clips(gt_seqs, length), _sub_clips(pred_seqs, length)
     base_sub = _sub_clips([np.broadcast_to(baseline_pose, s.shape) for s in gt_seqs], length)
     if len(gt_sub) >= 2:
-        res["model"]["pose_diversity"] = metrics.pose_diversity(pred_sub, fps, reference=gt_sub)
-        res["pose_diversity_ground_truth"] = metrics.pose_diversity(gt_sub, fps, reference=gt_sub)
-        res["baseline"]["pose_diversity"] = metrics.pose_diversity(base_sub, fps, reference=gt_sub)
+        feats = {name: np.stack([metrics.kinetic_features(s, fps, MIN_CONF) for s in subs])
+                 for name, subs in (("gt", gt_sub), ("model", pred_sub), ("base", base_sub))}
+        # a feature the ground truth never varies (e.g. a joint it never sees) has no scale to
+        # standardise by: it is left out rather than divided by ~0
+        keep = feats["gt"].std(0) > 1e-9
+        ref = feats["gt"][:, keep]
+        res["model"]["pose_diversity"] = metrics.pose_diversity(feats["model"][:, keep],
+                                                                reference=ref)
+        res["pose_diversity_ground_truth"] = metrics.pose_diversity(ref, reference=ref)
+        res["baseline"]["pose_diversity"] = metrics.pose_diversity(feats["base"][:, keep],
+                                                                   reference=ref)
     else:
         res["model"]["pose_diversity"] = res["baseline"]["pose_diversity"] = float("nan")
         res["pose_diversity_ground_truth"] = float("nan")

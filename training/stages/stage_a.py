@@ -17,6 +17,7 @@ predicted skeleton with the music muxed in (when the source video is reachable).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,21 @@ def stage_a_losses(out, batch: dict[str, Any], cfg) -> tuple[torch.Tensor, dict[
         terms["face"] = float(l_face.detach())
     terms["pose"] = float(l_heat.detach())
     return total, terms
+
+
+def resolve_source(manifest_path: str, source: str | None) -> str | None:
+    """The original video of a sample, for its audio: ``source`` as given when it exists, else
+    relative to the ``input_dir`` that preprocessing recorded in report.json beside the manifest."""
+    if not source:
+        return None
+    if Path(source).is_file():
+        return source
+    try:
+        report = json.loads((Path(manifest_path).parent / "report.json").read_text())
+        cand = Path(report["input_dir"]) / source
+        return str(cand) if cand.is_file() else None
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 def _thumb(jpeg: bytes) -> np.ndarray | None:
@@ -194,8 +210,7 @@ class StageA(Stage):
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             fps = float(meta.get("fps") or 24.0)
-            src = meta.get("source")
-            audio = src if src and Path(str(src)).is_file() else None
+            audio = resolve_source(self.cfg.data, meta.get("source"))
             start = ((meta.get("segment_start") or 0) + (meta.get("window_start") or 0)) / fps
             frames = (media.side_by_side(prd[i], tgt[i], size=(panel[0] // 2, panel[1] // 2))
                       for i in range(n))

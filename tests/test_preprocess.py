@@ -1,0 +1,210 @@
+"""Preprocessing: the session dataset (real video, mediapipe pose, tiny models), its shards,
+manifest, cache and report; cache reuse and partial recompute."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import zarr
+
+from dwm.shared import contract
+from dwm.shared.shards import decode_npy, load_manifest, verify_shards
+
+
+def _samples(manifest: dict) -> list[dict]:
+    out = []
+    for s in manifest["shards"]:
+        with tarfile.open(s["url"]) as tar:
+            groups: dict[str, dict] = {}
+            for m in tar.getmembers():
+                key, rest = m.name.split(".", 1)
+                data = tar.extractfile(m).read()
+                g = groups.setdefault(key, {"__shard__": s["name"]})
+                if rest == "json":
+                    g["json"] = json.loads(data)
+                else:
+                    g[rest[: -len(".npy")]] = decode_npy(data)
+            out.extend(groups[k] for k in sorted(groups))
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(sample_dataset):
+    m = load_manifest(str(sample_dataset))
+    verify_shards(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def samples(manifest):
+    return _samples(manifest)
+
+
+@pytest.fixture(scope="module")
+def report(sample_dataset_dir):
+    return json.loads((sample_dataset_dir / "report.json").read_text())
+
+
+def test_manifest_has_both_splits_and_stats(manifest):
+    splits = {s["split"] for s in manifest["shards"]}
+    assert splits == {"train", "val"}
+    assert all(s["name"].startswith(s["split"] + "-") for s in manifest["shards"])
+    assert manifest["num_samples"] == sum(s["samples"] for s in manifest["shards"])
+    st = manifest["stats"]
+    assert len(st["audio_mel"]["mean"]) == 80 and len(st["audio_baseline"]["std"]) == 35
+    assert len(st["latents"]["mean"]) == contract.LATENT_CHANNELS
+    assert all(v > 0 for v in st["audio_mel"]["std"])
+    for name in ("audio_mel", "pose_body", "face_mask", "latents", "clip_embed", "thumbs_jpeg"):
+        f = manifest["features"][name]
+        assert f["dtype"] == contract.FEATURE_BY_NAME[name].dtype and f["version"]
+        assert len(f["config_hash"]) == 16
+    assert manifest["features"]["pose_heatmap"]["shape"] == ["T", 18, 56, 32]
+    assert manifest["config"]["decode"]["segment_frames"] == 48
+    assert "out" not in manifest["config"]  # where a run happened does not change the data
+
+
+def test_samples_follow_the_contract(samples, manifest):
+    assert len(samples) == manifest["num_samples"] >= 4
+    keys = [s["json"]["key"] for s in samples]
+    assert len(set(keys)) == len(keys)
+    by_video: dict[str, list] = {}
+    for s in samples:
+        meta = s["json"]
+        assert set(meta) == set(contract.SAMPLE_META_KEYS)
+        t = meta["num_frames"]
+        assert 8 <= t <= 48 and meta["width"] == 256 and meta["height"] == 448
+        assert meta["has_audio"] is True and meta["fps"] == 24
+        assert meta["split"] in s["__shard__"]
+        assert sorted(meta["features"]) == sorted(k for k in s if k not in ("json", "__shard__"))
+        for name in meta["features"]:
+            spec = contract.FEATURE_BY_NAME[name]
+            arr = s[name]
+            assert arr.dtype == np.dtype(spec.dtype), name
+            if spec.per_frame:
+                assert arr.shape[0] == t, name
+        assert s["audio_mel"].shape == (t, 80) and s["audio_baseline"].shape == (t, 35)
+        assert s["pose_body"].shape == (t, 18, 3) and s["pose_hands"].shape == (t, 42, 3)
+        assert s["pose_face"].shape == (t, 68, 3) and s["pose_heatmap"].shape == (t, 18, 56, 32)
+        assert s["latents"].shape == (t, 4, 56, 32)
+        assert s["face_mask"].shape == (t, 56, 32) and s["face_crop"].shape == (t, 112, 112, 3)
+        assert s["face_ref_embed"].shape == (512,)
+        assert len(s["thumbs_offsets"]) == t + 1 and s["thumbs_offsets"][-1] == len(s["thumbs_jpeg"])
+        jpgs = contract.decode_thumbs(s["thumbs_jpeg"], s["thumbs_offsets"])
+        assert all(j[:2] == b"\xff\xd8" for j in jpgs)
+        assert len(s["clip_frames"]) >= 1 and s["clip_frames"][0] == 0
+        assert s["clip_embed"].shape[0] == len(s["clip_frames"])
+        # masks: never all ones; zeros exactly where no face
+        for m, present in zip(s["face_mask"], s["face_present"]):
+            assert not (m == 255).all()
+            assert (m.max() > 0) == bool(present)
+        # points kept are inside the crop
+        body = s["pose_body"]
+        ok = body[..., 2] > 0
+        assert ((body[..., :2][ok] >= 0) & (body[..., :2][ok] <= 1)).all()
+        by_video.setdefault(meta["video_hash"], []).append(meta)
+    assert len(by_video) == 2
+    for metas in by_video.values():  # one split per video, segments in order
+        assert len({m["split"] for m in metas}) == 1
+        assert [m["segment"] for m in metas] == list(range(len(metas)))
+        starts = [m["start_frame"] for m in metas]
+        assert starts == sorted(starts) and starts[0] == 0
+
+
+def test_real_pose_tracks_the_dancer(samples):
+    """mediapipe on the real video: nearly every frame has a body with the head above the hips."""
+    body = np.concatenate([s["pose_body"] for s in samples])
+    nose, rhip, lhip = body[:, 0], body[:, contract.R_HIP], body[:, contract.L_HIP]
+    good = (nose[:, 2] > 0.3) & (rhip[:, 2] > 0.3) & (lhip[:, 2] > 0.3)
+    good &= nose[:, 1] < np.minimum(rhip[:, 1], lhip[:, 1])
+    assert good.mean() >= 0.95, good.mean()
+    # the heatmap peak sits where the keypoint is
+    s = samples[0]
+    j = contract.NECK
+    f = int(np.argmax(s["pose_body"][:, j, 2]))
+    hm = s["pose_heatmap"][f, j]
+    y, x = np.unravel_index(np.argmax(hm), hm.shape)
+    assert hm.max() > 200
+    assert abs((x + 0.5) / 32 - s["pose_body"][f, j, 0]) < 2 / 32
+    assert abs((y + 0.5) / 56 - s["pose_body"][f, j, 1]) < 2 / 56
+
+
+def test_report_and_cache(report, sample_dataset_dir):
+    assert report["counts"] == {"ok": 2, "skipped": 0, "failed": 0}
+    for v in report["videos"]:
+        assert v["status"] == "ok" and v["has_audio"] and v["frames"] > 0
+        assert v["orig_width"] == 540 and v["orig_height"] == 960 and v["rotation"] == 0
+        assert v["timings"]["total"] > 0
+    assert report["extractor_calls"]["pose"] > 0 and report["extractor_calls"]["latents"] > 0
+    assert report["cache"]["bytes_per_frame"] > 0
+    # the cache reads with plain zarr, and each array says what it is
+    root = zarr.open_group(str(sample_dataset_dir / "cache"), mode="r")
+    vh = report["videos"][0]["hash"]
+    entries = list(root[vh].group_keys())
+    assert {e.split("-")[0] for e in entries} >= {"probe", "pose", "audio", "face", "latents",
+                                                  "clip", "thumbs"}
+    lat = root[vh][f"latents-{report['videos'][0]['keys']['latents']}"]
+    assert lat.attrs["complete"] is True and lat.attrs["scaling_factor"] > 0
+    assert lat["mean"].attrs["doc"]
+    face = root[vh][f"face-{report['videos'][0]['keys']['face']}"]
+    full = face["mask_full"][:]
+    assert full.shape[1:] == (448, 256) and not (full == 255).all(axis=(1, 2)).any()
+    assert not list(sample_dataset_dir.rglob(".tmp-*"))
+
+
+def test_second_run_does_no_work_and_vae_change_reruns_only_latents(
+        sample_dataset_cfg, sample_dataset, tmp_path):
+    """Same input, same config: no extractor call, no decode, same bytes. Then a new VAE config
+    recomputes the latents only."""
+    from dwm.preprocess.run import main
+
+    before = sample_dataset.read_bytes()
+    cfg = copy.deepcopy(sample_dataset_cfg)
+    main(cfg)
+    rep = json.loads((sample_dataset.parent / "report.json").read_text())
+    assert all(n == 0 for n in rep["extractor_calls"].values()), rep["extractor_calls"]
+    assert rep["decoded_frames"] == 0
+    assert sample_dataset.read_bytes() == before
+
+    # a second dataset sharing the cache, with another VAE: only latents recompute
+    cfg2 = copy.deepcopy(sample_dataset_cfg)
+    cfg2.out = str(tmp_path / "other")
+    cfg2.cache_dir = str(sample_dataset.parent / "cache")
+    cfg2.models.vae = str(_second_vae(cfg2, tmp_path))
+    main(cfg2)
+    rep2 = json.loads((tmp_path / "other" / "report.json").read_text())
+    calls = rep2["extractor_calls"]
+    assert calls["latents"] > 0
+    assert all(n == 0 for k, n in calls.items() if k != "latents"), calls
+
+
+def _second_vae(cfg, tmp_path):
+    """A copy of the tiny VAE with other weights (a 'changed VAE')."""
+    import torch
+
+    from dwm.shared import registry
+
+    vae, _ = registry.load_vae(cfg.models)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(0.5)
+    out = tmp_path / "vae2"
+    vae.save_pretrained(out)
+    return out
+
+
+def test_decode_keeps_aspect_and_resamples():
+    from dwm.preprocess.decode import decode_size, resampled_count, source_indices
+
+    dw, dh, s = decode_size(1080, 1920, 512, 896)
+    assert (dw, dh) == (512, 911) and abs(dw / dh - 1080 / 1920) < 0.002
+    dw, dh, s = decode_size(1920, 1080, 512, 896)  # landscape: wide decode, crop in x
+    assert dh == 896 and dw == 1593
+    assert resampled_count(300, 30.0, 24.0) == 240
+    idx = source_indices(0, 5, 30.0, 24.0, 300)
+    assert idx.tolist() == [0, 1, 2, 3, 5]  # skips one frame in five
+    assert source_indices(0, 4, 12.0, 24.0, 100).tolist() == [0, 0, 1, 1]

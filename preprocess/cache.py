@@ -12,11 +12,16 @@ VAE changes the latents' key only, an unchanged input finds every key present, a
 under two names (or in two datasets sharing a cache) are computed once. An entry is written under
 ``.tmp-<extractor>-<key>-<uuid>`` and renamed when complete, so a reader never sees half of one;
 leftovers of a killed run are removed with :func:`dwm.shared.storage.remove_temporaries`.
+
+The root may be a local folder or an fsspec URL (s3://, gs://, memory://, file://). On a URL an
+entry is written in place (object stores have no atomic rename) and only its ``complete``
+attribute, set last, makes it count: an interrupted entry is recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +33,7 @@ import zarr
 import zarr.codecs as zc
 from zarr.storage import LocalStore
 
+from dwm.shared import storage
 from dwm.shared.contract import CACHE_FORMAT_VERSION
 from dwm.shared.storage import TMP_MARK
 
@@ -57,11 +63,17 @@ class EntryWriter:
 
     def __init__(self, cache: FeatureCache, video_hash: str, name: str, key: str,
                  attrs: dict[str, Any]):
+        self.cache = cache
         self.final = cache.entry_path(video_hash, name, key)
-        parent = os.path.dirname(self.final)
         cache.ensure_video_group(video_hash)
-        self.tmp = os.path.join(parent, f"{TMP_MARK}{name}-{key}-{uuid.uuid4().hex[:8]}")
-        self.group = zarr.open_group(store=LocalStore(self.tmp), mode="w",
+        if cache.remote:  # written in place; "complete" (set by commit) is the commit mark
+            self.tmp = self.final
+            if cache.fs.exists(self.final):
+                cache.fs.rm(self.final, recursive=True)
+        else:
+            parent = os.path.dirname(self.final)
+            self.tmp = os.path.join(parent, f"{TMP_MARK}{name}-{key}-{uuid.uuid4().hex[:8]}")
+        self.group = zarr.open_group(store=cache.store(self.tmp), mode="w",
                                      attributes={**attrs, "complete": False})
         self.attrs = attrs
         self.arrays: dict[str, zarr.Array] = {}
@@ -88,6 +100,8 @@ class EntryWriter:
 
     def commit(self, **attrs: Any) -> str:
         self.group.attrs.update({**attrs, "complete": True})
+        if self.cache.remote:
+            return self.final
         if os.path.exists(self.final):  # a concurrent writer won; its result is the same
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
@@ -95,42 +109,70 @@ class EntryWriter:
         return self.final
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.cache.remote:
+            with contextlib.suppress(Exception):
+                self.cache.fs.rm(self.tmp, recursive=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class FeatureCache:
     def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
-        if not os.path.exists(os.path.join(self.root, "zarr.json")):
-            zarr.open_group(store=LocalStore(self.root), mode="a",
+        self.remote = storage.is_url(root) or str(root).startswith("file://")
+        if self.remote:
+            self.fs, path = storage.fs_and_path(root)
+            self.protocol = str(root).split("://", 1)[0]
+            self.root = path.rstrip("/")
+            self.fs.makedirs(self.root, exist_ok=True)
+        else:
+            self.fs = None
+            self.root = os.path.abspath(root)
+            os.makedirs(self.root, exist_ok=True)
+        if not self._exists(self._join(self.root, "zarr.json")):
+            zarr.open_group(store=self.store(self.root), mode="a",
                             attributes={"format_version": CACHE_FORMAT_VERSION,
                                         "doc": "dwm feature cache: <video sha256>/<extractor>-<key>"})
 
+    # -- paths and stores (local folder or fsspec URL) -------------------------------------
+    def _join(self, *parts: str) -> str:
+        return "/".join(parts) if self.remote else os.path.join(*parts)
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.exists(path) if self.remote else os.path.exists(path)
+
+    def store(self, path: str, read_only: bool = False):
+        if self.remote:
+            from zarr.storage import FsspecStore
+
+            return FsspecStore.from_url(f"{self.protocol}://{path}", read_only=read_only)
+        return LocalStore(path, read_only=read_only)
+
     def video_dir(self, video_hash: str) -> str:
-        return os.path.join(self.root, video_hash)
+        return self._join(self.root, video_hash)
 
     def entry_path(self, video_hash: str, name: str, key: str) -> str:
-        return os.path.join(self.video_dir(video_hash), f"{name}-{key}")
+        return self._join(self.video_dir(video_hash), f"{name}-{key}")
 
     def ensure_video_group(self, video_hash: str) -> None:
         d = self.video_dir(video_hash)
-        if not os.path.exists(os.path.join(d, "zarr.json")):
-            zarr.open_group(store=LocalStore(d), mode="a", attributes={"video_hash": video_hash})
+        if not self._exists(self._join(d, "zarr.json")):
+            zarr.open_group(store=self.store(d), mode="a", attributes={"video_hash": video_hash})
 
     def has(self, video_hash: str, name: str, key: str) -> bool:
-        meta = os.path.join(self.entry_path(video_hash, name, key), "zarr.json")
-        if not os.path.exists(meta):
-            return False
+        meta = self._join(self.entry_path(video_hash, name, key), "zarr.json")
         try:
-            with open(meta) as fh:
-                return bool(json.load(fh).get("attributes", {}).get("complete"))
-        except (OSError, ValueError):
+            if self.remote:
+                text = self.fs.cat_file(meta)
+            else:
+                with open(meta, "rb") as fh:
+                    text = fh.read()
+            return bool(json.loads(text).get("attributes", {}).get("complete"))
+        except (OSError, ValueError):  # missing (FileNotFoundError) or half-written
             return False
 
     def open(self, video_hash: str, name: str, key: str) -> zarr.Group:
-        return zarr.open_group(store=LocalStore(self.entry_path(video_hash, name, key), read_only=True),
-                               mode="r")
+        return zarr.open_group(store=self.store(self.entry_path(video_hash, name, key),
+                                                read_only=True), mode="r")
 
     def writer(self, video_hash: str, name: str, key: str, attrs: dict[str, Any]) -> EntryWriter:
         return EntryWriter(self, video_hash, name, key, attrs)
@@ -138,12 +180,14 @@ class FeatureCache:
     def add_source(self, video_hash: str, source: str) -> None:
         """Remember the file names this content was seen under (informational)."""
         self.ensure_video_group(video_hash)
-        g = zarr.open_group(store=LocalStore(self.video_dir(video_hash)), mode="a")
+        g = zarr.open_group(store=self.store(self.video_dir(video_hash)), mode="a")
         sources = list(g.attrs.get("sources", []))
         if source not in sources:
             g.attrs["sources"] = sorted([*sources, source])[:64]
 
     def size_bytes(self) -> int:
+        if self.remote:
+            return int(self.fs.du(self.root, total=True))
         total = 0
         for dirpath, _dirs, files in os.walk(self.root):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

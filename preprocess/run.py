@@ -205,16 +205,20 @@ def main(cfg: PreprocessConfig) -> int:
     from tqdm import tqdm
 
     by_hash: dict[str, list[str]] = {}
-    for p in tqdm(files, desc="hashing", unit="file", disable=not progress, leave=False):
+    for i, p in enumerate(tqdm(files, desc="hashing", unit="file", disable=not progress,
+                               leave=False)):
         rel = os.path.relpath(p, cfg.input_dir)
+        mine = i % world == rank  # a file without a hash is reported by one rank only
         if os.path.getsize(p) == 0:
-            report.add({"path": rel, "hash": None, "status": "failed",
-                        "reason": f"{p}: empty file (0 bytes)"})
+            if mine:
+                report.add({"path": rel, "hash": None, "status": "failed",
+                            "reason": f"{p}: empty file (0 bytes)"})
             continue
         try:
             h = sha256_file(p)
         except OSError as e:
-            report.add({"path": rel, "hash": None, "status": "failed", "reason": f"{p}: {e}"})
+            if mine:
+                report.add({"path": rel, "hash": None, "status": "failed", "reason": f"{p}: {e}"})
             continue
         by_hash.setdefault(h, []).append(p)
 
@@ -260,7 +264,8 @@ def main(cfg: PreprocessConfig) -> int:
     from .cache import FeatureCache
 
     cache = FeatureCache(croot)
-    manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world, progress=progress)
+    manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world, progress=progress,
+                             split_candidates=sorted(by_hash))  # every rank hashed every file
     frames = sum(r.get("frames") or 0 for r in rows if r["status"] == "ok")
     size = cache.size_bytes()
     report.write(manifest=manifest, cache={"bytes": size, "frames": frames,

@@ -8,7 +8,6 @@ killed and resumed writes the same bytes as one that never stopped. ``manifest.j
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from typing import Any
 
@@ -198,12 +197,18 @@ def shard_prefix(cfg: PreprocessConfig, split: str, rank: int, world_size: int) 
 
 
 def write_dataset(cfg: PreprocessConfig, rows: list[dict], cache: FeatureCache, *,
-                  rank: int = 0, world_size: int = 1, progress: bool = True) -> str:
-    """Shards of every usable video (status ok) + manifest; returns the manifest path."""
+                  rank: int = 0, world_size: int = 1, progress: bool = True,
+                  split_candidates: list[str] | None = None) -> str:
+    """Shards of every usable video (status ok) + manifest; returns the manifest path.
+
+    ``split_candidates``: the content hashes of every input file of the whole run (all ranks).
+    The train/val split is decided over them, so it does not depend on how the videos were
+    sliced between ranks (1 rank and N ranks + merge give the same dataset)."""
     out = cfg.out
     storage.makedirs(out)
     usable = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["hash"])
-    splits = split_of([r["hash"] for r in usable], cfg.shards.holdout_fraction)
+    candidates = sorted(set(split_candidates or []) | {r["hash"] for r in usable})
+    splits = split_of(candidates, cfg.shards.holdout_fraction)
     target = int(cfg.shards.target_shard_mb * (1 << 20))
     writers = {s: ShardWriter(out, prefix=shard_prefix(cfg, s, rank, world_size),
                               target_bytes=target, split=s) for s in ("train", "val")}
@@ -274,34 +279,37 @@ def _write_rank_manifest(out: str, shards, features, stats, rank: int, extra) ->
 
 def _remove_stale_shards(out: str, keep: set[str], rank: int, world_size: int) -> None:
     """Shards of an earlier run that this run did not write again (fewer videos, new sizes)."""
-    if storage.is_url(out):
-        return
     prefixes = ("train-", "val-") if world_size <= 1 else (f"r{rank:04d}-train-", f"r{rank:04d}-val-")
-    for name in os.listdir(out):
+    fs, root = storage.fs_and_path(out)  # a local folder or an fsspec URL
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".tar") and name.startswith(prefixes) and name not in keep:
-            os.remove(os.path.join(out, name))
+            fs.rm(path)
 
 
 def merge_manifests(cfg: PreprocessConfig) -> str:
     """Combine ``manifest-r*.json`` of all ranks in ``cfg.out`` into one ``manifest.json``.
 
-    Splits were decided per video by hash on every rank; the >= 1 val video guarantee holds per
-    rank. Stats are recomputed exactly from the ranks' raw sums."""
+    Splits were decided per video by hash over the files of the whole run (every rank saw every
+    hash), so they are the same as with one rank. Stats are recomputed exactly from the ranks'
+    raw sums."""
     out = cfg.out
-    parts = sorted(n for n in os.listdir(out) if n.startswith("manifest-r") and n.endswith(".json"))
+    fs, root = storage.fs_and_path(out)  # a local folder or an fsspec URL
+    parts = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+                   if n.startswith("manifest-r") and n.endswith(".json"))
     if not parts:
         from dwm.shared.cli import UserFacingError
 
         raise UserFacingError(f"{out}: no manifest-r*.json to merge (run each rank first)")
-    shards, features, counts = [], {}, {}
+    shards, features, counts, splits = [], {}, {}, {}
     moments: dict[str, _Moments] = {}
     config = None
     for name in parts:
-        with open(os.path.join(out, name)) as fh:
-            m = json.load(fh)
+        m = json.loads(storage.read_text(storage.join(out, name)))
         shards += [ShardInfo(**s) for s in m["shards"]]
         features.update(m["features"])
         config = config or m["config"]
+        splits.update(m.get("splits", {}))
         for k, v in m["counts"].items():
             if isinstance(v, dict):
                 counts.setdefault(k, {})
@@ -316,7 +324,8 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
             mm.ss += np.asarray(raw["sumsq"])
     stats = {k: v.result() for k, v in moments.items() if v.result() is not None}
     return write_manifest(out, shards, features, stats, config=config, counts=counts,
-                          ranks=len(parts), moments={k: asdict_m(v) for k, v in moments.items()})
+                          splits=dict(sorted(splits.items())), ranks=len(parts),
+                          moments={k: asdict_m(v) for k, v in moments.items()})
 
 
 def _bar(total: int, desc: str, enabled: bool):

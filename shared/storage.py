@@ -31,7 +31,7 @@ def fs_and_path(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str
 
 def join(base: str | os.PathLike, *parts: str) -> str:
     base = str(base)
-    if is_url(base):
+    if "://" in base:  # a URL, file:// included (Path would fold its "//")
         return "/".join([base.rstrip("/"), *parts])
     return str(Path(base, *parts))
 

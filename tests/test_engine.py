@@ -185,3 +185,30 @@ def test_stage_all_chains_finals(synth, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert set(summary) == {"A", "B", "C"} and all(math.isfinite(summary[s]["losses"][-1][1]) for s in "ABC")
     assert train.init_for("C", cfg).endswith("stage_B/final")
+
+
+def test_m2p_gradient_checkpointing_same_gradients_and_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    m = M2PEncoder.from_size("tiny")
+    args = (torch.randn(2, 8, 80), torch.randn(2, 8, 35), torch.ones(2, 8), torch.rand(2, 3, 112, 112))
+
+    def grads():
+        m.zero_grad()
+        out = m(*args)
+        (out.heatmap_logits.square().mean() + out.coords.sum() + out.face_embed.sum()).backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    plain = grads()
+    m.enable_gradient_checkpointing()
+    assert m.gradient_checkpointing
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    out = m(*args)
+    assert out.heatmap_logits.shape == (2, 8, 18, 56, 32) and out.coords.shape == (2, 8, 18, 2)
+    assert torch.allclose(out.face_embed.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert ((out.coords >= 0) & (out.coords <= 1)).all()
+    m.save_pretrained(tmp_path / "m2p")
+    assert list((tmp_path / "m2p").glob("*.safetensors"))
+    m2 = M2PEncoder.from_pretrained(tmp_path / "m2p")
+    torch.testing.assert_close(m2(*args).coords, m(*args).coords)
+    assert M2PEncoder.from_size("full").count_parameters()["total"] > 50_000_000

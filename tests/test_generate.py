@@ -193,3 +193,14 @@ def test_training_meta_reads_the_engine_info(tmp_path):
     assert G.train_setting(meta, "svd_fps") == 9
     assert G.train_setting(meta, "motion_bucket_id") == C.TrainConfig().motion_bucket_id
     assert meta["norm_stats"]["audio_mel"]["std"] == [2.0]
+
+
+def test_reference_from_video_saves_a_display_frame(tmp_path):
+    from dwm.shared.synthetic import make_dance_clip
+
+    clip = make_dance_clip(tmp_path / "clip.mp4", seconds=0.5, width=96, height=160, audio=False)
+    png = G.reference_from_video(clip, tmp_path / "ref.png")
+    img = media.read_image(png)
+    assert img.shape == (160, 96, 3) and img.std() > 5  # the dancer, not a blank frame
+    with pytest.raises(cli.UserFacingError):
+        G.reference_from_video(png, tmp_path / "x.png")  # a picture is not a video

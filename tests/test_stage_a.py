@@ -5,8 +5,6 @@ mp4 with the music, and no pretrained model (ArcFace, VAE, CLIP) is ever loaded.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,10 +13,10 @@ from dwm.datasets import batch_to_device, eval_batches, make_view
 from dwm.shared.config import build_train_config
 from dwm.shared.shards import load_manifest
 from dwm.training.stages import get_stage
-from dwm.training.stages.stage_a import StageA, stage_a_losses
+from dwm.training.stages.stage_a import StageA, resolve_source, stage_a_losses
 
 WINDOW = 24
-OVERFIT_STEPS = 60
+OVERFIT_STEPS = 25  # measured: PCK@0.2 0.93 vs baseline 0.24 after 20 steps
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +87,10 @@ def test_overfit_beats_mean_pose_baseline(real_windows, tmp_path):
     metrics = stage.validate(model, batches, OVERFIT_STEPS, writer, tmp_path / "validation")
     writer.close()
     print("overfit metrics:", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    assert metrics["pck@0.2"] >= metrics["baseline_pck@0.2"] + 0.15
-    assert metrics["mean_joint_error"] < metrics["baseline_mean_joint_error"]
-    assert metrics["face_cosine"] > 0.5
+    assert metrics["pck@0.2"] >= metrics["baseline_pck@0.2"] + 0.3
+    assert metrics["pck@0.1"] > metrics["baseline_pck@0.1"]
+    assert metrics["mean_joint_error"] < 0.5 * metrics["baseline_mean_joint_error"]
+    assert metrics["face_cosine"] > metrics["baseline_face_cosine"]
     # the validation media: skeleton pictures in TensorBoard, an mp4 with the music muxed in
     events = list((tmp_path / "logs").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 10_000  # holds an image
@@ -101,9 +100,9 @@ def test_overfit_beats_mean_pose_baseline(real_windows, tmp_path):
 
     info = media.probe(videos[0])
     assert info["has_video"] and info["num_frames"] in (WINDOW, None)
-    source = batches[0]["meta"][0]["source"]
-    if source and Path(source).is_file():
-        assert info["has_audio"]
+    # the source video is found through report.json's input_dir: its music is muxed in
+    assert resolve_source(cfg.data, batches[0]["meta"][0]["source"]) is not None
+    assert info["has_audio"]
 
 
 def test_validation_metrics_on_val_split(sample_dataset, tmp_path):

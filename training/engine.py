@@ -158,6 +158,10 @@ def stage_dir_of(cfg: TrainConfig, name: str) -> Path:
 
 
 def _atomic_save_final(model, final: Path, info: dict[str, Any]) -> None:
+    try:  # like every checkpoint: never save weights that overflowed
+        freeze.assert_finite(model)
+    except FloatingPointError as e:
+        raise ckpt.CheckpointError(f"refusing to write {final}: {e}") from None
     tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -351,6 +355,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
             log.warning("stage %s step %d: non-finite loss or gradient, update skipped (%d in a row)",
                         stage.name, step, nonfinite)
             if nonfinite >= cfg.max_nonfinite_steps:
+                bar.close()  # the error line must not land on the progress bar's line
                 last = ckpt.latest_checkpoint(sdir)
                 raise TrainingError(
                     f"stage {stage.name} stopped at step {step}: {nonfinite} non-finite losses in "

@@ -242,7 +242,7 @@ def song_frames(music: str, fps: float, max_seconds: float) -> int:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PredictedPoses:
-    heatmaps: torch.Tensor  # (T, K, H, W) in [0, 1] at the M2PEncoder's grid
+    heatmaps: torch.Tensor  # (T, K, H, W) float16 in [0, 1] at the M2PEncoder's grid
     coords: np.ndarray  # (T, K, 2) in [0, 1] of the frame
 
     def bodies(self) -> np.ndarray:
@@ -276,9 +276,10 @@ def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
         a = torch.from_numpy(mel_n[s : s + length])[None].to(p.device, p.dtype)
         b = torch.from_numpy(base_n[s : s + length])[None].to(p.device, p.dtype)
         out = m2p(a, b)
-        heat_parts.append(logits_to_heatmaps(out.heatmap_logits[0]).float().cpu())
+        # half precision on the host: a long song's heatmaps are the biggest array here
+        heat_parts.append(logits_to_heatmaps(out.heatmap_logits[0]).cpu().half())
         coord_parts.append(out.coords[0].float().cpu())
-    heat = blend_windows(heat_parts, starts, weights, total)
+    heat = blend_windows(heat_parts, starts, weights, total).clamp_(0.0, 1.0)
     coords = blend_windows(coord_parts, starts, weights, total).numpy()
     return PredictedPoses(heatmaps=heat, coords=np.clip(coords, 0.0, 1.0).astype(np.float32))
 
@@ -289,7 +290,11 @@ def heatmaps_on_grid(heatmaps: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
 
     if tuple(heatmaps.shape[-2:]) == tuple(grid):
         return heatmaps
-    return F.interpolate(heatmaps, size=grid, mode="bilinear", align_corners=False)
+    out = torch.empty((*heatmaps.shape[:2], *grid), dtype=heatmaps.dtype)
+    for a in range(0, heatmaps.shape[0], 64):  # in chunks: float32 only 64 frames at a time
+        out[a : a + 64] = F.interpolate(heatmaps[a : a + 64].float(), size=grid, mode="bilinear",
+                                        align_corners=False).to(heatmaps.dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,17 +383,24 @@ def embed_reference(ref: Reference, pcfg: C.PreprocessConfig, device: str = "cpu
 
 
 def reference_from_video(video: str | Path, out_png: str | Path, at: float = 0.5) -> Path:
-    """Save one frame of ``video`` (at fraction ``at`` of its length) as a PNG reference photo."""
+    """Save one frame of ``video`` (at fraction ``at`` of its length, in display orientation)
+    as a PNG reference photo."""
     import decord
 
+    from dwm.preprocess.probe import NotAVideo, probe_file
+
     try:
+        rotation = probe_file(str(video)).rotation  # clockwise, as preprocessing turns frames
         vr = decord.VideoReader(str(video))
+    except NotAVideo as e:
+        raise UserFacingError(f"{video}: {e.reason}") from None
     except Exception as e:  # decord raises its own error types
         raise UserFacingError(f"{video}: cannot read it as a video ({str(e).strip()[:160]})") from None
     if len(vr) == 0:
         raise UserFacingError(f"{video}: has no frames")
     frame = vr[min(len(vr) - 1, int(len(vr) * at))].asnumpy()
-    media.write_image(out_png, frame)
+    frame = np.rot90(frame, k={90: -1, 180: 2, 270: 1}.get(rotation, 0))
+    media.write_image(out_png, np.ascontiguousarray(frame))
     return Path(out_png)
 
 
@@ -474,18 +486,24 @@ def sample_latents(model: Any, pose: torch.Tensor, ref_latent: torch.Tensor,
 
 
 @torch.no_grad()
-def decode_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
-                  batch_size: int = 8, show_progress: bool = True):
-    """Scaled latents (T, 4, h, w) -> uint8 RGB frames (T, H, W, 3), decoded in chunks."""
+def iter_decoded_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
+                        batch_size: int = 8, show_progress: bool = True):
+    """Scaled latents (T, 4, h, w) -> uint8 RGB frames (H, W, 3), one at a time, decoded in
+    chunks of ``batch_size`` (a long song never holds all its frames in memory)."""
     from dwm.shared.registry import decode_latents
 
-    out = []
     for a in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", unit="chunk",
                   disable=not show_progress, leave=False):
         z = latents[a : a + batch_size].float() / scaling_factor
         img = decode_latents(vae, z, num_frames=z.shape[0])
-        out.append((img.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8))
-    return np.concatenate(out)
+        yield from (img.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def decode_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
+                  batch_size: int = 8, show_progress: bool = True) -> np.ndarray:
+    """Scaled latents (T, 4, h, w) -> uint8 RGB frames (T, H, W, 3)."""
+    return np.stack(list(iter_decoded_frames(vae, latents, scaling_factor, batch_size,
+                                             show_progress)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +616,7 @@ def main(cfg: C.GenerateConfig) -> int:
 
     # 6-7: decode, mux the song
     vae, _ = registry.load_vae(cfg.models, device=device)
-    frames = decode_frames(vae, latents, sf, show_progress=show)
+    frames = iter_decoded_frames(vae, latents, sf, show_progress=show)
     media.write_video(out, frames, cfg.fps, audio=cfg.music)
     print(f"video: {out}", flush=True)
     return 0

@@ -219,10 +219,10 @@ class Report:
             lines.append("")
         return "\n".join(lines)
 
-    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+    def write(self, out_dir: str | Path, stem: str = "bench") -> tuple[Path, Path]:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        md, js = out / "bench.md", out / "bench.json"
+        md, js = out / f"{stem}.md", out / f"{stem}.json"
         md.write_text(self.markdown())
         js.write_text(json.dumps(self.to_dict(), indent=1, default=str))
         return md, js

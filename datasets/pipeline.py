@@ -1,4 +1,4 @@
-"""WebDataset pipelines over the shards of a manifest (open_clip style), with an exact data position.
+"""WebDataset pipelines over a manifest's shards (open_clip style), with an exact data position.
 
 Training stream (:class:`TrainLoader`): shard list -> per-pass deterministic shard shuffle (seed,
 epoch, pass), or resampling with replacement -> split by node and worker (by shard when there are
@@ -192,7 +192,8 @@ class EpochDataset(IterableDataset):
                     raise
                 except Exception as e:  # a broken sample is named and skipped, never stops training
                     # (its index stays consumed; a resume across it can shift by one item)
-                    log.warning("skipping sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), e)
+                    log.warning("skipping sample %s:%s: %s", raw.get("__url__"),
+                                raw.get("__key__"), e)
             if j < done:
                 continue
             batch = collate(items)
@@ -243,8 +244,9 @@ class TrainLoader:
         self.split_size = split_samples(manifest, split)
         samples = int(epoch_samples) or self.split_size
         per_rank = max(1, samples // (self.batch_size * world_size))
-        self.position = DataPosition(seed=seed, num_workers=self.num_workers,
-                                     batches_per_epoch=_round_up(per_rank, max(1, self.num_workers)))
+        self.position = DataPosition(
+            seed=seed, num_workers=self.num_workers,
+            batches_per_epoch=_round_up(per_rank, max(1, self.num_workers)))
 
     @property
     def batches_per_epoch(self) -> int:

@@ -82,7 +82,7 @@ def decode_member(name: str, data: bytes, where: str) -> Any:
         return json.loads(data)
     if name.endswith(".npy"):
         return np.load(io.BytesIO(data), allow_pickle=False)
-    raise ManifestError(f"{where}: member {name!r} is neither .npy nor .json; refusing to decode it")
+    raise ManifestError(f"{where}: member {name!r} is neither .npy nor .json; not decoded")
 
 
 def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:
@@ -122,8 +122,9 @@ class Normaliser:
         s = (stats or {}).get(name) or {}
         mean = np.asarray(s.get("mean", 0.0), np.float32).reshape(-1)
         std = np.asarray(s.get("std", 1.0), np.float32).reshape(-1)
-        self.mean = np.broadcast_to(mean, (dim,)).copy() if mean.size in (1, dim) else np.zeros(dim, np.float32)
-        std = np.broadcast_to(std, (dim,)).copy() if std.size in (1, dim) else np.ones(dim, np.float32)
+        ok = mean.size in (1, dim) and std.size in (1, dim)
+        self.mean = np.broadcast_to(mean, (dim,)).copy() if ok else np.zeros(dim, np.float32)
+        std = np.broadcast_to(std, (dim,)).copy() if ok else np.ones(dim, np.float32)
         self.std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0).astype(np.float32)
         self.present = bool(s)
 
@@ -161,6 +162,11 @@ def pick_face_frame(face_present: np.ndarray, rng: np.random.Generator,
     return int(rng.choice(idx))
 
 
+def face_crop_of(feats: dict[str, np.ndarray], frame: int | None) -> np.ndarray:
+    size = contract.FACE_CROP_SIZE
+    return feats["face_crop"][frame] if frame is not None else np.zeros((size, size, 3), np.uint8)
+
+
 def face_target(feats: dict[str, np.ndarray], frame: int | None) -> tuple[np.ndarray, float]:
     """ArcFace embedding of ``frame`` (face_ref_embed when that frame has none) and validity."""
     ref = feats["face_ref_embed"].astype(np.float32)
@@ -171,7 +177,8 @@ def face_target(feats: dict[str, np.ndarray], frame: int | None) -> tuple[np.nda
     return (emb if ok else np.zeros_like(emb)).astype(np.float32), float(ok)
 
 
-def nearest_clip(feats: dict[str, np.ndarray], frame: int, dim_hint: int = 0) -> tuple[np.ndarray, float]:
+def nearest_clip(feats: dict[str, np.ndarray], frame: int,
+                 dim_hint: int = 0) -> tuple[np.ndarray, float]:
     frames = feats.get("clip_frames")
     emb = feats.get("clip_embed")
     if frames is None or emb is None or len(frames) == 0:
@@ -253,7 +260,7 @@ class ViewA(View):
         mask[:n] = 1.0
         body = window(feats["pose_body"].astype(np.float32), start, W)
         ref = pick_face_frame(feats["face_present"].astype(bool), rng, avoid=(start, start + n))
-        crop = feats["face_crop"][ref] if ref is not None else np.zeros((112, 112, 3), np.uint8)
+        crop = face_crop_of(feats, ref)
         emb, ok = face_target(feats, ref)
         item = {
             "audio_mel": mel, "audio_baseline": base, "frame_mask": mask,
@@ -276,7 +283,8 @@ class ViewB(View):
               "face_embed", "face_ref_embed")
     optional = ("audio_mel", "audio_baseline", "clip_frames", "clip_embed")
 
-    def __init__(self, stats=None, n_mels: int = 80, audio_window: int = 120, min_ref_gap: int = 12):
+    def __init__(self, stats=None, n_mels: int = 80, audio_window: int = 120,
+                 min_ref_gap: int = 12):
         super().__init__(stats, n_mels)
         self.audio_window = int(audio_window)
         self.min_ref_gap = int(min_ref_gap)
@@ -299,7 +307,7 @@ class ViewB(View):
         mask = np.zeros(W, np.float32)
         mask[: min(W, T)] = 1.0
         face_frame = pick_face_frame(faces, rng, prefer=r)
-        crop = feats["face_crop"][face_frame] if face_frame is not None else np.zeros((112, 112, 3), np.uint8)
+        crop = face_crop_of(feats, face_frame)
         emb, ok = face_target(feats, None)  # the video's reference embedding
         clip, clip_ok = nearest_clip(feats, r)
         body = feats["pose_body"][t].astype(np.float32)
@@ -346,7 +354,7 @@ class ViewC(View):
         mel, base, a_ok = self.audio(feats, start, L, bool(meta.get("has_audio")))
         body = window(feats["pose_body"].astype(np.float32), start, L)
         face_frame = pick_face_frame(faces, rng, prefer=r)
-        crop = feats["face_crop"][face_frame] if face_frame is not None else np.zeros((112, 112, 3), np.uint8)
+        crop = face_crop_of(feats, face_frame)
         emb, ok = face_target(feats, None)
         clip, clip_ok = nearest_clip(feats, r)
         return {

@@ -264,8 +264,11 @@ def main(cfg: PreprocessConfig) -> int:
     from .cache import FeatureCache
 
     cache = FeatureCache(croot)
+    # one rank: the split is decided over the usable videos (exactly one val and one train
+    # guaranteed); several ranks: over every hashed file, which every rank sees, so the split
+    # does not depend on how videos were sliced between ranks
     manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world, progress=progress,
-                             split_candidates=sorted(by_hash))  # every rank hashed every file
+                             split_candidates=sorted(by_hash) if world > 1 else None)
     frames = sum(r.get("frames") or 0 for r in rows if r["status"] == "ok")
     size = cache.size_bytes()
     report.write(manifest=manifest, cache={"bytes": size, "frames": frames,

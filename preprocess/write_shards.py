@@ -37,14 +37,14 @@ def content_config(cfg: PreprocessConfig) -> dict[str, Any]:
 
 
 def split_of(hashes: list[str], holdout_fraction: float) -> dict[str, str]:
-    """Per-video split from the content hash; with >= 2 videos at least one of each."""
+    """Per-video split from the content hash; with >= 2 videos at least one of each, and a
+    single video is always train."""
     u = {h: int(h[:12], 16) / float(16**12) for h in hashes}
     val = {h for h in hashes if u[h] < holdout_fraction}
-    if len(hashes) >= 2:
-        if not val and holdout_fraction > 0:
-            val = {min(hashes, key=lambda h: (u[h], h))}
-        if len(val) == len(hashes):
-            val.discard(max(hashes, key=lambda h: (u[h], h)))
+    if len(hashes) >= 2 and not val and holdout_fraction > 0:
+        val = {min(hashes, key=lambda h: (u[h], h))}
+    if hashes and len(val) == len(hashes):
+        val.discard(max(hashes, key=lambda h: (u[h], h)))
     return {h: ("val" if h in val else "train") for h in hashes}
 
 

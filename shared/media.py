@@ -329,6 +329,13 @@ def _frames_iter(frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     yield from frames
 
 
+def _new_file_mode() -> int:
+    """The mode a plainly created file gets (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_video(
     path: str | os.PathLike,
     frames: Iterable[np.ndarray],
@@ -439,6 +446,7 @@ def write_video(
             with open(tmp_final, "rb") as fh:
                 storage.atomic_write_bytes(out, fh.read())
         else:
+            os.chmod(tmp_final, _new_file_mode())  # temp files are 0600; outputs are not
             os.replace(tmp_final, out)
     finally:
         for tmp in (tmp_video, tmp_final):

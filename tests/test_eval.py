@@ -1,4 +1,4 @@
-"""``dwm eval``: every metric of stages A and B/C on real tiny shards, eval.json + eval.md + plots."""
+"""``dwm eval``: every metric of stages A and B/C on real tiny shards; eval.json, eval.md, plots."""
 
 from __future__ import annotations
 

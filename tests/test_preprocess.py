@@ -4,8 +4,8 @@ manifest, cache and report; cache reuse and partial recompute."""
 from __future__ import annotations
 
 import copy
-import io
 import json
+import subprocess
 import tarfile
 
 import numpy as np
@@ -156,30 +156,61 @@ def test_report_and_cache(report, sample_dataset_dir):
     assert not list(sample_dataset_dir.rglob(".tmp-*"))
 
 
-def test_second_run_does_no_work_and_vae_change_reruns_only_latents(
-        sample_dataset_cfg, sample_dataset, tmp_path):
-    """Same input, same config: no extractor call, no decode, same bytes. Then a new VAE config
-    recomputes the latents only."""
+def test_second_run_does_no_work(sample_dataset_cfg, sample_dataset):
+    """Same input, same config: no extractor call, not even a decode, and the same bytes."""
     from dwm.preprocess.run import main
 
     before = sample_dataset.read_bytes()
-    cfg = copy.deepcopy(sample_dataset_cfg)
-    main(cfg)
+    main(copy.deepcopy(sample_dataset_cfg))
     rep = json.loads((sample_dataset.parent / "report.json").read_text())
     assert all(n == 0 for n in rep["extractor_calls"].values()), rep["extractor_calls"]
     assert rep["decoded_frames"] == 0
     assert sample_dataset.read_bytes() == before
 
-    # a second dataset sharing the cache, with another VAE: only latents recompute
-    cfg2 = copy.deepcopy(sample_dataset_cfg)
-    cfg2.out = str(tmp_path / "other")
-    cfg2.cache_dir = str(sample_dataset.parent / "cache")
-    cfg2.models.vae = str(_second_vae(cfg2, tmp_path))
-    main(cfg2)
-    rep2 = json.loads((tmp_path / "other" / "report.json").read_text())
-    calls = rep2["extractor_calls"]
-    assert calls["latents"] > 0
-    assert all(n == 0 for k, n in calls.items() if k != "latents"), calls
+
+def test_vae_change_recomputes_only_latents(sample_videos_dir, tiny_models_cfg, tmp_path):
+    """A second dataset (another folder, another name for the same video) sharing the cache:
+    nothing is computed again; then another VAE: only the latents are."""
+    import os
+    import shutil
+
+    from dwm.preprocess.run import main
+    from fixtures_data import sample_preprocess_config
+
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    src = sample_videos_dir / "dance_b.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(src), "-t", "1",
+                    "-c", "copy", str(vids / "clip.mp4")], check=True)
+    small = dict(**{"decode.width": 64, "decode.height": 112, "decode.segment_frames": 24},
+                 extractors="pose,latents,thumbs")
+    cache = tmp_path / "shared_cache"
+    cfg1 = sample_preprocess_config(vids, tmp_path / "ds1", tiny_models_cfg, cache_dir=cache, **small)
+    main(copy.deepcopy(cfg1))
+    calls1 = _calls(tmp_path / "ds1")
+    assert calls1["pose"] > 0 and calls1["latents"] > 0 and calls1["thumbs"] > 0
+
+    other = tmp_path / "videos2"
+    other.mkdir()
+    shutil.copy(vids / "clip.mp4", other / "renamed.mp4")
+    cfg2 = sample_preprocess_config(other, tmp_path / "ds2", tiny_models_cfg, cache_dir=cache, **small)
+    main(copy.deepcopy(cfg2))
+    assert all(n == 0 for n in _calls(tmp_path / "ds2").values())
+
+    cfg3 = copy.deepcopy(cfg2)
+    cfg3.out = str(tmp_path / "ds3")
+    cfg3.models.vae = str(_second_vae(cfg3, tmp_path))
+    main(cfg3)
+    calls3 = _calls(tmp_path / "ds3")
+    assert calls3["latents"] == calls1["latents"]
+    assert all(n == 0 for k, n in calls3.items() if k != "latents"), calls3
+    lat = [p for p in os.listdir(next(p for p in cache.iterdir() if p.is_dir()))
+           if p.startswith("latents-")]
+    assert len(lat) == 2  # one entry per VAE, side by side
+
+
+def _calls(out) -> dict:
+    return json.loads((out / "report.json").read_text())["extractor_calls"]
 
 
 def _second_vae(cfg, tmp_path):

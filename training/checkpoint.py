@@ -170,7 +170,8 @@ def rng_to_files(out: Path, rank: int) -> None:
     py_version, py_state, py_gauss = random.getstate()
     save_file(tensors, str(out / f"rng_{rank}.safetensors"))
     (out / f"rng_{rank}.json").write_text(json.dumps({
-        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
     }))
 
@@ -203,7 +204,7 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
     for name, module in model.components().items():
         files = sorted((model_dir / name).glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{model_dir / name}: no safetensors weights for component {name}")
+            raise CheckpointError(f"{model_dir / name}: no safetensors weights for {name}")
         state: dict[str, torch.Tensor] = {}
         for f in files:
             state.update(_load_tensors(f))

@@ -54,7 +54,8 @@ def main(cfg: C.DemoConfig) -> int:
             raise UserFacingError(f"videos={cfg.videos}: not a directory")
         clips = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
         if not clips:
-            raise UserFacingError(f"videos={cfg.videos}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+            raise UserFacingError(f"videos={cfg.videos}: no video files "
+                                  f"({', '.join(VIDEO_SUFFIXES)})")
         print(f"{len(clips)} videos in {videos}")
     else:
         videos = out / "videos"

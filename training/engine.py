@@ -96,7 +96,8 @@ class LRSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]],
                  cfg: TrainConfig, total_steps: int):
-        self.optimizer, self.groups, self.cfg, self.total = optimizer, groups, cfg, max(1, total_steps)
+        self.optimizer, self.groups, self.cfg = optimizer, groups, cfg
+        self.total = max(1, total_steps)
         self.step_ = 0
 
     def warmup(self, step: int) -> float:
@@ -147,7 +148,8 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opti
         try:
             import bitsandbytes as bnb  # type: ignore
 
-            return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate,
+                                       weight_decay=cfg.adam_weight_decay)
         except ImportError:
             log.warning("use_8bit_adam=true but bitsandbytes is not installed: using torch AdamW")
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
@@ -259,7 +261,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         (sdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
         print(f"stage {stage.name}: {total} steps, {n_train / 1e6:.2f} M trainable parameters "
               f"({per_group}), "
-              f"batch {cfg.train_batch_size} x {accum} x {acc.num_processes}, out {sdir}", flush=True)
+              f"batch {cfg.train_batch_size} x {accum} x {acc.num_processes}, out {sdir}",
+              flush=True)
 
     def trainer_state(s: int) -> dict[str, Any]:
         return {"stage": stage.name, "step": s, "total_steps": total, "data": loader.state_dict(),
@@ -268,7 +271,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
                 "seed": cfg.seed, "config_hash": config_hash(cfg)}
 
     def save(s: int) -> None:
-        ckpt.save_checkpoint(sdir, s, model=model, optimizer=optimizer, trainer_state=trainer_state(s),
+        ckpt.save_checkpoint(sdir, s, model=model, optimizer=optimizer,
+                             trainer_state=trainer_state(s),
                              rank=acc.process_index, is_main=acc.is_main_process,
                              barrier=acc.wait_for_everyone, total_limit=cfg.checkpoints_total_limit)
 
@@ -279,7 +283,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         metrics: dict[str, float] = {}
         if acc.is_main_process:
             if val_cache is None:
-                vview = make_view(stage.view, manifest.get("stats"), cfg, **stage.val_view_options())
+                vview = make_view(stage.view, manifest.get("stats"), cfg,
+                                  **stage.val_view_options())
                 val_cache = [batch_to_device(b, acc.device) for b in eval_batches(
                     manifest, vview, cfg.train_batch_size, split="val",
                     max_batches=cfg.validation_batches, seed=cfg.seed)]
@@ -332,10 +337,12 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         with clock("optimizer"):
             grad_norm = float("nan")
             if finite:
-                params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                params = [p for g in optimizer.param_groups for p in g["params"]
+                          if p.grad is not None]
                 if cfg.gradient_clip_norm and cfg.gradient_clip_norm > 0 and params:
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.gradient_clip_norm))
-                if not math.isfinite(grad_norm) and cfg.gradient_clip_norm > 0 and acc.scaler is None:
+                clipped = cfg.gradient_clip_norm > 0 and acc.scaler is None
+                if clipped and not math.isfinite(grad_norm):
                     finite = False  # inf/nan gradients with a finite loss: skip the update too
                 else:
                     optimizer.step()
@@ -352,7 +359,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         else:
             nonfinite += 1
             skipped += 1
-            log.warning("stage %s step %d: non-finite loss or gradient, update skipped (%d in a row)",
+            log.warning("stage %s step %d: non-finite loss or gradient, update skipped "
+                        "(%d in a row)",
                         stage.name, step, nonfinite)
             if nonfinite >= cfg.max_nonfinite_steps:
                 bar.close()  # the error line must not land on the progress bar's line

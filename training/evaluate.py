@@ -366,7 +366,8 @@ def markdown_table(report: dict[str, Any]) -> str:
              "## Stage A: music -> pose (M2PEncoder)", "",
              "| metric | model | ground truth | mean-pose baseline |",
              "|---|---|---|---|",
-             f"| PCK@0.1 (higher is better) | {_fmt(m['pck@0.1'])} | 1.000 | {_fmt(b['pck@0.1'])} |",
+             f"| PCK@0.1 (higher is better) | {_fmt(m['pck@0.1'])} | 1.000 | "
+             f"{_fmt(b['pck@0.1'])} |",
              f"| PCK@0.2 | {_fmt(m['pck@0.2'])} | 1.000 | {_fmt(b['pck@0.2'])} |",
              f"| mean joint error (torsos, lower is better) | {_fmt(m['mean_joint_error'])} | "
              f"0.000 | {_fmt(b['mean_joint_error'])} |",
@@ -380,7 +381,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     v = report.get("video")
     lines += ["", "## Stages B/C: pose + identity -> video", ""]
     if v is None:
-        lines.append("The checkpoint has no video model (a stage-A checkpoint): not measured.")
+        lines.append("Not measured: " + (report.get("video_note") or "no video model."))
     else:
         lines += [f"{v['clips']} clips of {v['frames_per_clip']} frames, ground-truth poses, "
                   f"{v['steps']} Euler steps, guidance {v['guidance_scale']:g}; ground-truth "
@@ -457,7 +458,12 @@ def main(cfg: C.EvalConfig) -> int:
     model = load_dance_model(ckpt, device=device)
     if model.m2p is None:
         raise UserFacingError(f"ckpt={cfg.ckpt}: has no M2PEncoder (m2p)")
-    has_video = all(getattr(model, c) is not None for c in VIDEO_COMPONENTS) and cfg.video_samples > 0
+    has_video = all(getattr(model, c) is not None for c in VIDEO_COMPONENTS)
+    video_note = None
+    if not has_video:
+        video_note = "the checkpoint has no video model (a stage-A checkpoint)."
+    elif cfg.video_samples <= 0:
+        video_note, has_video = "video_samples=0.", False
     meta = G.training_meta(ckpt)
     stats = meta["norm_stats"] or manifest.get("stats")
     audio_window = int(cfg.audio_window or G.train_setting(meta, "audio_window"))
@@ -498,6 +504,7 @@ def main(cfg: C.EvalConfig) -> int:
         "baseline": stage_a["_per_joint"]["baseline"].tolist()}
     report = {"ckpt": str(ckpt), "data": str(cfg.data), "split": split,
               "stage": meta.get("stage"), "stage_a": stage_a_json, "video": video,
+              "video_note": video_note,
               "plots": plots, "definitions": DEFINITIONS}
     report = _finite(report)
     table = markdown_table(report)

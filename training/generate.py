@@ -395,7 +395,8 @@ def reference_from_video(video: str | Path, out_png: str | Path, at: float = 0.5
     except NotAVideo as e:
         raise UserFacingError(f"{video}: {e.reason}") from None
     except Exception as e:  # decord raises its own error types
-        raise UserFacingError(f"{video}: cannot read it as a video ({str(e).strip()[:160]})") from None
+        reason = str(e).strip()[:160]
+        raise UserFacingError(f"{video}: cannot read it as a video ({reason})") from None
     if len(vr) == 0:
         raise UserFacingError(f"{video}: has no frames")
     frame = vr[min(len(vr) - 1, int(len(vr) * at))].asnumpy()

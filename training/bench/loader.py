@@ -215,11 +215,11 @@ class AnchorItem:
 # ---------------------------------------------------------------------------------------------
 def section_loader(bench: Bench, sec: Section) -> None:
     q = bench.quick
-    width, height = (256, 448) if q else (512, 896)
-    frames = 32 if q else 150  # per sample: one clip segment (DecodeConfig.segment_frames)
+    width, height = (128, 256) if q else (512, 896)
+    frames = 16 if q else 150  # per sample: one clip segment (DecodeConfig.segment_frames)
     T = 4 if q else 24
     samples = 2 if q else max(2, bench.cfg.loader_samples)
-    batches = 4 if q else max(4, bench.cfg.loader_batches)
+    batches = 2 if q else max(4, bench.cfg.loader_batches)
     workers = TrainConfig().num_workers if bench.cfg.workers < 0 else bench.cfg.workers
     n_shards = max(2, 2 * workers) if not q else 2
     shards = synth_shards(bench.out / "work" / "loader_shards", samples, frames, width, height,

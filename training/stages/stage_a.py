@@ -91,7 +91,8 @@ def _thumb(jpeg: bytes) -> np.ndarray | None:
     return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def train_statistics(manifest: dict[str, Any], max_samples: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def train_statistics(manifest: dict[str, Any],
+                     max_samples: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Mean-pose baseline (K, 3) and mean face embedding (512,) of the train split."""
     poses, faces = [], []
     for url in split_urls(manifest, "train"):
@@ -179,12 +180,13 @@ class StageA(Stage):
             p = metrics.pck(pred, T, conf=Cf, thresholds=(0.1, 0.2), min_conf=MIN_CONF, size=size)
             res[f"{tag}pck@0.1"] = p["pck@0.1"]
             res[f"{tag}pck@0.2"] = p["pck@0.2"]
-            res[f"{tag}mean_joint_error"] = metrics.mean_joint_error(pred, T, conf=Cf, min_conf=MIN_CONF,
-                                                                     size=size)
+            res[f"{tag}mean_joint_error"] = metrics.mean_joint_error(
+                pred, T, conf=Cf, min_conf=MIN_CONF, size=size)
         fp, ft = np.concatenate(faces_p), np.concatenate(faces_t)
         if len(ft):
             res["face_cosine"] = metrics.face_cosine(fp, ft)
-            res["baseline_face_cosine"] = metrics.face_cosine(np.broadcast_to(base_face, ft.shape), ft)
+            res["baseline_face_cosine"] = metrics.face_cosine(
+                np.broadcast_to(base_face, ft.shape), ft)
         self._log_media(first, size, step, writer, out_dir)
         return {k: float(v) for k, v in res.items()}
 
@@ -200,20 +202,21 @@ class StageA(Stage):
         prd = np.concatenate([pred, np.ones_like(pred[..., :1])], -1)[:n]
         thumbs = (batch.get("thumbs") or [[]])[0]
         panel = (int(size[0]) // 2 * 2 or 256, int(size[1]) // 2 * 2 or 448)
+        half = (panel[0] // 2, panel[1] // 2)  # each of the three panels at half the frame size
         if writer is not None:
             frames = np.linspace(0, n - 1, num=min(4, n)).round().astype(int)
             pics = []
             for f in frames:
                 bg = _thumb(thumbs[f]) if f < len(thumbs) else None
-                pics.append(media.side_by_side(prd[f], tgt[f], image=bg, size=(panel[0] // 2, panel[1] // 2)))
-            writer.add_image("val/skeletons", media.image_grid(pics, cols=1), step, dataformats="HWC")
+                pics.append(media.side_by_side(prd[f], tgt[f], image=bg, size=half))
+            writer.add_image("val/skeletons", media.image_grid(pics, cols=1), step,
+                             dataformats="HWC")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             fps = float(meta.get("fps") or 24.0)
             audio = resolve_source(self.cfg.data, meta.get("source"))
             start = ((meta.get("segment_start") or 0) + (meta.get("window_start") or 0)) / fps
-            frames = (media.side_by_side(prd[i], tgt[i], size=(panel[0] // 2, panel[1] // 2))
-                      for i in range(n))
+            frames = (media.side_by_side(prd[i], tgt[i], size=half) for i in range(n))
             media.write_video(out_dir / f"step_{step:06d}.mp4", frames, fps, audio=audio,
                               audio_start=start if audio else 0.0)
         except Exception as e:  # no ffmpeg, unreadable source: the metrics still count

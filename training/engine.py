@@ -388,6 +388,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         if cfg.checkpointing_steps > 0 and step % cfg.checkpointing_steps == 0 and step < total:
             save(step)
     bar.close()
+    data_iter.close()  # shuts the data-loader workers down now, not at garbage collection
 
     final_dir = None
     if step >= total:

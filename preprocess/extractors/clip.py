@@ -16,7 +16,9 @@ class ClipExtractor(Extractor):
 
     def __init__(self, cfg, device: str = "cpu"):
         super().__init__(cfg, device)
-        self.batch_size = max(1, cfg.clip.batch_size * max(1, cfg.clip.every_n_frames))
+        # frames per call: enough to hold clip.batch_size selected frames (more on a GPU)
+        per_call = cfg.clip.batch_size if device == "cpu" else max(64, cfg.clip.batch_size)
+        self.batch_size = max(1, per_call * max(1, cfg.clip.every_n_frames))
 
     def config(self) -> dict[str, Any]:
         m = self.cfg.models

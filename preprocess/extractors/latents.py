@@ -22,7 +22,8 @@ class LatentExtractor(Extractor):
 
     def __init__(self, cfg, device: str = "cpu"):
         super().__init__(cfg, device)
-        self.batch_size = cfg.latents.batch_size
+        # CPU: small batches are fastest; a GPU wants large ones
+        self.batch_size = cfg.latents.batch_size if device == "cpu" else max(32, cfg.latents.batch_size)
 
     def config(self) -> dict[str, Any]:
         m = self.cfg.models

@@ -64,7 +64,7 @@ class Bench:
     @property
     def seconds(self) -> float:
         """Seconds of the video for runs with model extractors (TAESD is slow on a CPU)."""
-        return 0.5 if self.quick else float(self.cfg.seconds)
+        return 0.67 if self.quick else float(self.cfg.seconds)  # quick: 16 frames
 
     @property
     def decode_seconds(self) -> float:
@@ -92,8 +92,11 @@ class Bench:
               "models.models_dir": str(self.models_dir), "models.vae": str(self.taesd),
               "pose.backend": self.cfg.pose_backend, "decode.max_seconds": self.seconds,
               "shards.holdout_fraction": 0.0, "workers": 1}
-        if self.quick:  # about a quarter of the tiny profile's pixels; heatmaps (image / 8) stay divisible by 8
-            ov.update({"decode.width": 128, "decode.height": 256})
+        if self.quick:
+            # about a quarter of the tiny profile's pixels (heatmaps, image / 8, must stay
+            # divisible by 8); two 8-frame segments, so that each of 2 loader workers gets one
+            ov.update({"decode.width": 128, "decode.height": 256, "decode.segment_frames": 8,
+                       "decode.min_frames": 8})
         if extractors is not None:
             ov["extractors"] = ",".join(extractors)
         ov.update(overrides)

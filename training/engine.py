@@ -397,7 +397,9 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
             final_dir = sdir / "final"
             _atomic_save_final(model, final_dir, {
                 "stage": stage.name, "steps": step, "config": to_dict(cfg), "val": last_val,
-                "stats": stats.summary()})
+                "stats": stats.summary(),
+                # generation must normalise audio exactly as training did, without the shards
+                "data_stats": manifest.get("stats")})
         acc.wait_for_everyone()
     elif cfg.checkpointing_steps > 0:
         save(step)  # stopped early (max_steps): leave a checkpoint to resume from

@@ -241,15 +241,10 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
     if len(gt_sub) >= 2:
         feats = {name: np.stack([metrics.kinetic_features(s, fps, MIN_CONF) for s in subs])
                  for name, subs in (("gt", gt_sub), ("model", pred_sub), ("base", base_sub))}
-        # a feature the ground truth never varies (e.g. a joint it never sees) has no scale to
-        # standardise by: it is left out rather than divided by ~0
-        keep = feats["gt"].std(0) > 1e-9
-        ref = feats["gt"][:, keep]
-        res["model"]["pose_diversity"] = metrics.pose_diversity(feats["model"][:, keep],
-                                                                reference=ref)
+        ref = feats["gt"]
+        res["model"]["pose_diversity"] = metrics.pose_diversity(feats["model"], reference=ref)
         res["pose_diversity_ground_truth"] = metrics.pose_diversity(ref, reference=ref)
-        res["baseline"]["pose_diversity"] = metrics.pose_diversity(feats["base"][:, keep],
-                                                                   reference=ref)
+        res["baseline"]["pose_diversity"] = metrics.pose_diversity(feats["base"], reference=ref)
     else:
         res["model"]["pose_diversity"] = res["baseline"]["pose_diversity"] = float("nan")
         res["pose_diversity_ground_truth"] = float("nan")

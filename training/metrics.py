@@ -327,7 +327,10 @@ def pose_diversity(sequences, fps: float = 24.0, reference=None) -> float:
         raise ValueError(f"pose_diversity: need at least 2 sequences, got {len(f)}")
     if reference is not None:
         r = feats(reference)
-        f = (f - r.mean(0)) / np.maximum(r.std(0), 1e-8)
+        # a feature the reference never varies (e.g. a joint it never sees) has no scale to
+        # standardise by: it is left out rather than divided by ~0
+        keep = r.std(0) > 1e-9
+        f = (f[:, keep] - r[:, keep].mean(0)) / r[:, keep].std(0)
     d = np.linalg.norm(f[:, None, :] - f[None, :, :], axis=-1)
     iu = np.triu_indices(len(f), k=1)
     return float(d[iu].mean())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import resource
 import sys
@@ -63,7 +62,7 @@ class Sizes:
 
 
 FULL = Sizes(512, 896, 24, 48, 8, 5, 2, 48, 48)
-DRY = Sizes(128, 224, 4, 8, 2, 2, 1, 4, 4)
+DRY = Sizes(128, 256, 4, 8, 2, 2, 1, 4, 4)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -179,7 +178,9 @@ class GpuBench:
         ov = {
             "model_size": "tiny" if self.dry else "full", "data": self.shards().manifest,
             "output_dir": str(out), "models.profile": self.models.profile,
-            "models.models_dir": self.models.models_dir, "mixed_precision": "bf16",
+            "models.models_dir": self.models.models_dir,
+            # bf16 autocast on the GPU; the CPU dry run stays in fp32 (CPU bf16 is very slow)
+            "mixed_precision": "no" if self.dry else "bf16",
             "gradient_checkpointing": ckpt, "train_batch_size": batch,
             "sequence_length": s.T, "max_sequence_length": s.T, "validation_steps": 0,
             "checkpointing_steps": 0, "log_steps": 1, "num_workers": self.workers,
@@ -194,7 +195,7 @@ class GpuBench:
         s = self.sz
         d = {"res": f"{s.width}x{s.height}", "latents": f"4x{s.height // 8}x{s.width // 8}",
              "model": "tiny" if self.dry else "full", "device": self.device,
-             "dtype": "bf16 autocast", "workers": self.workers}
+             "dtype": "fp32" if self.dry else "bf16 autocast", "workers": self.workers}
         d.update(extra)
         return d
 

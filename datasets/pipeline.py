@@ -165,6 +165,7 @@ class EpochDataset(IterableDataset):
             length = self.length_fn(global_batch) if self.length_fn is not None else None
             items = []
             rejected = 0
+            broken = 0  # samples in a row that failed to decode: all broken must not spin forever
             while len(items) < self.batch_size:
                 raw = next(stream)
                 if rejected > self.max_rejects:
@@ -188,12 +189,18 @@ class EpochDataset(IterableDataset):
                 rng = np.random.default_rng([self.spec.seed, self.epoch, wid, idx])
                 try:
                     items.append(self.view.make_item(raw, rng, length))
+                    broken = 0
                 except (ManifestError, MemoryError):
                     raise
                 except Exception as e:  # a broken sample is named and skipped, never stops training
                     # (its index stays consumed; a resume across it can shift by one item)
                     log.warning("skipping sample %s:%s: %s", raw.get("__url__"),
                                 raw.get("__key__"), e)
+                    broken += 1
+                    if broken > self.max_rejects:
+                        raise ManifestError(
+                            f"view {self.view.name}: {broken} samples in a row could not be used; "
+                            f"the last, {raw.get('__url__')}:{raw.get('__key__')}: {e}") from None
             if j < done:
                 continue
             batch = collate(items)

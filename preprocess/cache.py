@@ -118,7 +118,10 @@ class EntryWriter:
 
 class FeatureCache:
     def __init__(self, root: str):
-        self.remote = storage.is_url(root) or str(root).startswith("file://")
+        root = str(root)
+        if root.startswith("file://"):  # a local folder: keep the atomic renames
+            root = root[len("file://"):]
+        self.remote = storage.is_url(root)
         if self.remote:
             self.fs, path = storage.fs_and_path(root)
             self.protocol = str(root).split("://", 1)[0]

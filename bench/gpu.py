@@ -62,7 +62,7 @@ class Sizes:
 
 
 FULL = Sizes(512, 896, 24, 48, 8, 5, 2, 48, 48)
-DRY = Sizes(128, 256, 4, 8, 2, 2, 1, 4, 4)
+DRY = Sizes(128, 256, 2, 8, 2, 1, 1, 4, 4)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -269,9 +269,10 @@ class GpuBench:
             sec.notes.append(f"{dev_name}: bf16 peak unknown; give --peak-tflops")
 
         # G2: stage B
-        b = self.timed_stage("B", self.args.batch_b, False)
+        batch_b = 1 if self.dry else self.args.batch_b
+        b = self.timed_stage("B", batch_b, False)
         ref_key = "off" if "off" in self.step_c else "on"
-        inp = self.inputs(batch=self.args.batch_b, timed_steps=s.steps, warmup=s.warm,
+        inp = self.inputs(batch=batch_b, timed_steps=s.steps, warmup=s.warm,
                           grad_ckpt="off")
         secb.add(Figure("stage-B step", b["step"], "ms",
                         Reference(f"stage-C step (checkpointing {ref_key})",

@@ -164,10 +164,15 @@ class VideoProcessor:
             if not cache.has(vh, "audio", keys["audio"]):
                 try:
                     self._run_audio(task, plan, keys["audio"])
-                except Exception as e:  # a broken audio track: keep the video, without audio
-                    row["has_audio"] = False
-                    row["notes"].append(f"audio track unreadable, kept without audio: {e}")
-                    keys.pop("audio")
+                except Exception as e:  # a broken audio track: keep the video, without audio,
+                    # and remember that (an entry without arrays) so a re-run does not retry
+                    w = self._writer(vh, "audio", keys["audio"], {"video": vh})
+                    w.commit(error=f"{type(e).__name__}: {str(e)[:300]}")
+            error = self.cache.open(vh, "audio", keys["audio"]).attrs.get("error")
+            if error:
+                row["has_audio"] = False
+                row["notes"].append(f"audio track unreadable, kept without audio: {error}")
+                keys.pop("audio")
         self._timed(row, "audio", t0)
 
         # 4. frame extractors on the cropped frames

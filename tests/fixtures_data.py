@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 __all__ = ["sample_videos_dir", "sample_dataset_cfg", "sample_dataset_dir", "sample_dataset",
-           "make_sample_clips", "sample_preprocess_config"]
+           "make_sample_clips", "sample_preprocess_config", "one_torch_thread"]
 
 # (name, start s, duration s or None for the rest)
 SAMPLE_CLIPS = (("dance_a.mp4", 0.0, 7.0), ("dance_b.mp4", 7.0, None))
@@ -72,14 +72,14 @@ def sample_dataset_dir(sample_dataset_cfg) -> Path:
     from dwm.preprocess.run import main
 
     os.environ.setdefault("DWM_PROGRESS", "0")
-    with _one_torch_thread():
+    with one_torch_thread():
         rc = main(copy.deepcopy(sample_dataset_cfg))
     assert rc == 0
     return Path(sample_dataset_cfg.out)
 
 
 @contextlib.contextmanager
-def _one_torch_thread():
+def one_torch_thread():
     """The tiny VAE encodes one small frame per call: on a busy 2-core machine one thread is
     3-6x faster than two (measured), and it keeps the session's own setting afterwards."""
     import torch

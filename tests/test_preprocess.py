@@ -168,45 +168,60 @@ def test_second_run_does_no_work(sample_dataset_cfg, sample_dataset):
     assert sample_dataset.read_bytes() == before
 
 
-def test_vae_change_recomputes_only_latents(sample_videos_dir, tiny_models_cfg, tmp_path):
-    """A second dataset (another folder, another name for the same video) sharing the cache:
-    nothing is computed again; then another VAE: only the latents are."""
+def test_workers_shared_cache_and_vae_change(sample_videos_dir, tiny_models_cfg, tmp_path):
+    """Two worker processes fill a cache; a second dataset (another folder, the same videos plus
+    a copy under another name) sharing that cache computes nothing and writes the same shards;
+    another VAE then recomputes the latents only."""
     import os
     import shutil
 
     from dwm.preprocess.run import main
-    from fixtures_data import sample_preprocess_config
+    from fixtures_data import one_torch_thread, sample_preprocess_config
 
     vids = tmp_path / "videos"
     vids.mkdir()
-    src = sample_videos_dir / "dance_b.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(src), "-t", "1",
-                    "-c", "copy", str(vids / "clip.mp4")], check=True)
-    small = dict(**{"decode.width": 64, "decode.height": 112, "decode.segment_frames": 24},
-                 extractors="pose,latents,thumbs")
+    for i, start in enumerate((0, 3)):
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(start), "-i",
+                        str(sample_videos_dir / "dance_a.mp4"), "-t", "1", "-c:v", "libx264",
+                        "-preset", "ultrafast", "-c:a", "aac", str(vids / f"clip{i}.mp4")],
+                       check=True)
+    small = {"decode.width": 64, "decode.height": 112, "decode.segment_frames": 24,
+             "extractors": "audio,pose,latents,thumbs"}
     cache = tmp_path / "shared_cache"
-    cfg1 = sample_preprocess_config(vids, tmp_path / "ds1", tiny_models_cfg, cache_dir=cache, **small)
-    main(copy.deepcopy(cfg1))
+    cfg1 = sample_preprocess_config(vids, tmp_path / "ds1", tiny_models_cfg, cache_dir=cache,
+                                    workers=2, **small)
+    assert main(copy.deepcopy(cfg1)) == 0
     calls1 = _calls(tmp_path / "ds1")
-    assert calls1["pose"] > 0 and calls1["latents"] > 0 and calls1["thumbs"] > 0
+    assert all(calls1[k] > 0 for k in ("audio", "pose", "latents", "thumbs")), calls1
+    m1 = json.loads((tmp_path / "ds1" / "manifest.json").read_text())
+    assert m1["counts"]["videos_ok"] == 2 and {s["split"] for s in m1["shards"]} == {"train", "val"}
 
     other = tmp_path / "videos2"
-    other.mkdir()
-    shutil.copy(vids / "clip.mp4", other / "renamed.mp4")
+    shutil.copytree(vids, other)
+    shutil.copy(vids / "clip0.mp4", other / "copy_of_clip0.mp4")
     cfg2 = sample_preprocess_config(other, tmp_path / "ds2", tiny_models_cfg, cache_dir=cache, **small)
-    main(copy.deepcopy(cfg2))
+    with one_torch_thread():
+        assert main(copy.deepcopy(cfg2)) == 0
     assert all(n == 0 for n in _calls(tmp_path / "ds2").values())
+    rows = {r["path"]: r for r in json.loads((tmp_path / "ds2" / "report.json").read_text())["videos"]}
+    assert rows["copy_of_clip0.mp4"]["status"] == "skipped"
+    assert "same content as" in rows["copy_of_clip0.mp4"]["reason"]
+    for f in (s["name"] for s in m1["shards"]):
+        assert (tmp_path / "ds1" / f).read_bytes() == (tmp_path / "ds2" / f).read_bytes(), f
+    m2 = json.loads((tmp_path / "ds2" / "manifest.json").read_text())
+    assert m2["counts"]["videos_skipped"] == 1  # the copy; everything else is the same data
+    assert {**m1, "counts": None} == {**m2, "counts": None}
 
     cfg3 = copy.deepcopy(cfg2)
     cfg3.out = str(tmp_path / "ds3")
     cfg3.models.vae = str(_second_vae(cfg3, tmp_path))
-    main(cfg3)
+    with one_torch_thread():
+        assert main(cfg3) == 0
     calls3 = _calls(tmp_path / "ds3")
     assert calls3["latents"] == calls1["latents"]
     assert all(n == 0 for k, n in calls3.items() if k != "latents"), calls3
-    lat = [p for p in os.listdir(next(p for p in cache.iterdir() if p.is_dir()))
-           if p.startswith("latents-")]
-    assert len(lat) == 2  # one entry per VAE, side by side
+    video_dir = cache / rows["clip0.mp4"]["hash"]
+    assert len([p for p in os.listdir(video_dir) if p.startswith("latents-")]) == 2
 
 
 def _calls(out) -> dict:

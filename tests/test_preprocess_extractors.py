@@ -226,10 +226,14 @@ def test_inputs_without_a_dancer_or_frames(tmp_path, dance_video, music_ogg, tin
                     "-c:v", "libx264", "-preset", "ultrafast", "-vf", "scale=144:256",
                     str(vids / "blink.mp4")], check=True)
     shutil.copy(music_ogg, vids / "song_with_cover.mkv")
+    # landscape, the dancer in the left third: a centre crop would miss her
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(dance_video), "-t", "1",
+                    "-vf", "scale=-2:360,pad=640:360:0:0", "-c:v", "libx264", "-preset",
+                    "ultrafast", "-an", str(vids / "offcentre.mp4")], check=True)
     out = tmp_path / "out"
     cfg = build_preprocess_config([
         f"input_dir={vids}", f"out={out}", "profile=tiny", "pose.backend=mediapipe",
-        "decode.width=64", "decode.height=112", "decode.segment_frames=24", "decode.min_frames=8",
+        "decode.width=128", "decode.height=224", "decode.segment_frames=24", "decode.min_frames=8",
         "extractors=pose,thumbs"])
     cfg.models = dataclasses.replace(tiny_models_cfg)
     assert main(cfg) == 0
@@ -242,8 +246,12 @@ def test_inputs_without_a_dancer_or_frames(tmp_path, dance_video, music_ogg, tin
     assert "too few frames" in rows["blink.mp4"]["reason"] and "blink.mp4" in rows["blink.mp4"]["reason"]
     r = rows["song_with_cover.mkv"]
     assert r["status"] == "skipped" and "cover art" in r["reason"] and "song_with_cover" in r["reason"]
+    # the crop follows the dancer: decoded at 398x224, she is in x 0..126; centre would be 135
+    off = rows["offcentre.mp4"]
+    assert off["status"] == "ok" and off["has_audio"] is False
+    assert (off["orig_width"], off["orig_height"]) == (640, 360)
+    assert off["crop_boxes"][0][0] < 30 and not any("centre crop" in n for n in off["notes"])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_samples"] == 1 and manifest["counts"]["videos_ok"] == 1
-    meta_hashes = set(manifest["splits"])
-    assert meta_hashes == {rows["good.mp4"]["hash"]}
+    assert manifest["num_samples"] == 2 and manifest["counts"]["videos_ok"] == 2
+    assert set(manifest["splits"]) == {rows["good.mp4"]["hash"], off["hash"]}
     assert contract.SHARD_FORMAT_VERSION == manifest["format_version"]

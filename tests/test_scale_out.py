@@ -287,7 +287,7 @@ def test_ddp_two_cpu_ranks(stage, ddp_data, tiny_models_cfg, tmp_path):
     script = tmp_path / "ddp_probe.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ranks"
-    steps = 3
+    steps = 2
     args = [f"data={ddp_data}", f"output_dir={tmp_path / 'run'}", "model_size=tiny",
             f"models.models_dir={tiny_models_cfg.models_dir}", "models.profile=tiny",
             f"stage_{stage.lower()}_steps={steps}", "train_batch_size=1", "num_workers=1",
@@ -310,3 +310,27 @@ def test_ddp_two_cpu_ranks(stage, ddp_data, tiny_models_cfg, tmp_path):
         assert ranks[0]["digests"][step] == ranks[1]["digests"][step], step
     assert ranks[0]["digests"][0] != ranks[0]["digests"][-1]  # and they did train
     assert len(ranks[0]["losses"]) == steps
+
+
+# ---------------------------------------------------------------------------------------------
+# the accelerate config files
+# ---------------------------------------------------------------------------------------------
+ACCELERATE_DIR = Path(__file__).resolve().parents[1] / "shared" / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                       ("deepspeed_zero2", "DEEPSPEED")])
+def test_accelerate_config_files_are_valid(name, kind):
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    path = ACCELERATE_DIR / f"{name}.yaml"
+    cfg = load_config_from_file(str(path))  # unknown top-level keys raise
+    assert cfg.distributed_type.name == kind and cfg.num_processes >= 1
+    # the nested sections become launch options: each key must be one accelerate knows
+    known = {a.dest for a in launch_command_parser()._actions}
+    data = yaml.safe_load(path.read_text())
+    for section in ("fsdp_config", "deepspeed_config"):
+        unknown = [k for k in data.get(section, {}) if k not in known]
+        assert not unknown, f"{path}: {section} keys accelerate does not know: {unknown}"

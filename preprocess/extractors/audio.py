@@ -96,8 +96,11 @@ class AudioExtractor(Extractor):
         y = load_audio(batch.path, sr, max_seconds=seconds + 1.0)
         n = ctx.num_frames
         feat_fps = sr / hop
-        if y.size < 2048:  # silent / empty stream: features of silence
-            y = np.zeros(int(seconds * sr) + 2048, np.float32)
+        # an audio track shorter than the video is padded with silence, so every frame has
+        # features of what is heard at its time (not a repeat of the last sound)
+        need = int(np.ceil(seconds * sr)) + 2048
+        if y.size < need:
+            y = np.pad(y, (0, need - y.size))
         mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=2048, hop_length=hop,
                                              n_mels=self.cfg.audio.n_mels)
         log_mel = librosa.power_to_db(mel, ref=1.0, top_db=80.0).T  # (K, n_mels)

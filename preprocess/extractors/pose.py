@@ -22,7 +22,7 @@ import numpy as np
 
 from dwm.shared.contract import NUM_BODY_JOINTS, NUM_FACE_POINTS, NUM_HAND_JOINTS
 
-from .base import ArraySpec, Extractor, FrameBatch, VideoContext, onnx_providers
+from .base import ArraySpec, Extractor, FrameBatch, VideoContext
 
 N_HANDS = 2 * NUM_HAND_JOINTS
 

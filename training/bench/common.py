@@ -64,7 +64,7 @@ class Bench:
     @property
     def seconds(self) -> float:
         """Seconds of the video for runs with model extractors (TAESD is slow on a CPU)."""
-        return 0.67 if self.quick else float(self.cfg.seconds)  # quick: 16 frames
+        return 0.34 if self.quick else float(self.cfg.seconds)  # quick: 8 frames
 
     @property
     def decode_seconds(self) -> float:
@@ -94,9 +94,9 @@ class Bench:
               "shards.holdout_fraction": 0.0, "workers": 1}
         if self.quick:
             # about a quarter of the tiny profile's pixels (heatmaps, image / 8, must stay
-            # divisible by 8); two 8-frame segments, so that each of 2 loader workers gets one
-            ov.update({"decode.width": 128, "decode.height": 256, "decode.segment_frames": 8,
-                       "decode.min_frames": 8})
+            # divisible by 8); two 4-frame segments, so that each of 2 loader workers gets one
+            ov.update({"decode.width": 128, "decode.height": 256, "decode.segment_frames": 4,
+                       "decode.min_frames": 4})
         if extractors is not None:
             ov["extractors"] = ",".join(extractors)
         ov.update(overrides)

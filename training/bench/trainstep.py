@@ -20,6 +20,7 @@ from typing import Any
 from dwm.shared.config import TrainConfig, build_train_config
 
 from .common import Bench
+from .loader import loader_seconds
 from .report import Figure, Goal, Reference, Section, median
 from .timing import profile_top
 
@@ -54,6 +55,8 @@ def train_config(bench: Bench, stage: str, out: Path, steps: int, workers: int |
           "shuffle_buffer": d.shuffle_buffer,
           "epoch_samples": 10**5,  # one long epoch: no worker restart inside the timing
           STEPS_KEY[stage]: total}
+    if bench.quick:
+        ov["train_batch_size"] = 1
     return build_train_config([f"{k}={v}" for k, v in ov.items()], stage=stage)
 
 
@@ -91,7 +94,7 @@ def section_train(bench: Bench, sec: Section) -> None:
     if bench.full_run is None:
         raise RuntimeError("needs the shards of the whole-pipeline run (section 2)")
     warm = 1 if bench.quick else 3
-    steps = 2 if bench.quick else max(2, bench.cfg.train_steps)
+    steps = 1 if bench.quick else max(2, bench.cfg.train_steps)
     workers = TrainConfig().num_workers if bench.cfg.workers < 0 else bench.cfg.workers
     for stage in ("A", "B", "C"):
         per_rep: dict[str, list[float]] = {k: [] for k in (*PARTS, "step", "samples_per_s")}
@@ -119,9 +122,26 @@ def section_train(bench: Bench, sec: Section) -> None:
                                  Goal("<=", 0.02) if part == "data" else None, inputs,
                                  per_rep[part], per_rep["step"]))
             if part == "data" and fig.met is False and bench.cfg.profile:
-                # in-process loading (workers=0) so that cProfile sees the data work too
-                out = bench.out / "work" / "train" / f"{stage}-profile"
+                # the stage's loader alone, in-process (workers=0), so that cProfile sees it
                 sec.profiles[fig.name] = profile_top(
-                    lambda: run_steps(bench, stage, out, warm + steps, workers=0))
-        sec.notes.append(f"stage {stage}: {median(per_rep['samples_per_s']):.2f} samples/s, "
-                         f"step {step_ms:.0f} ms (median of repetitions; engine StepStats).")
+                    lambda: loader_seconds(stage_loader(cfg, stage, 0), warm + steps))
+        dt, n = loader_seconds(stage_loader(cfg, stage, 0), max(2, steps))
+        per_batch = 1000 * dt / max(1, n // cfg.train_batch_size)
+        sec.notes.append(f"stage {stage}: {median(per_rep['samples_per_s']):.2f} samples/s, step "
+                         f"{step_ms:.0f} ms (median of repetitions; engine StepStats). Its loader "
+                         f"alone, in-process (no workers): {per_batch:.0f} ms per batch of "
+                         f"{cfg.train_batch_size}.")
+
+
+def stage_loader(cfg: TrainConfig, stage: str, workers: int):
+    """The stage's TrainLoader as the engine builds it, with ``workers`` workers."""
+    from dwm.datasets import TrainLoader, make_view
+    from dwm.shared.shards import load_manifest
+    from dwm.training.stages import get_stage
+
+    st = get_stage(stage)(cfg)
+    manifest = load_manifest(cfg.data)
+    view = make_view(st.view, manifest.get("stats"), cfg, **st.view_options())
+    return TrainLoader(manifest, view, cfg.train_batch_size, split="train", seed=cfg.seed,
+                       num_workers=workers, pin_memory=False, prefetch_factor=cfg.prefetch_factor,
+                       epoch_samples=cfg.epoch_samples, shuffle_buffer=cfg.shuffle_buffer)

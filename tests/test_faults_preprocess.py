@@ -157,6 +157,21 @@ def test_nothing_of_a_bad_file_reaches_a_shard(corpus, corpus_run):
         assert segs == [0, 1], (name, segs)
 
 
+def test_real_shards_hold_no_pickle(corpus_run):
+    import io
+    import tarfile
+
+    out = corpus_run[0]
+    tars = sorted(out.glob("*.tar"))
+    assert tars
+    for t in tars:
+        with tarfile.open(t) as tar:
+            for m in tar.getmembers():
+                assert m.isreg() and m.name.endswith((".npy", ".json")), (t.name, m.name)
+                if m.name.endswith(".npy"):  # no object arrays: loads without pickle
+                    np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
+
+
 def test_duplicate_and_symlink_are_computed_once(corpus, corpus_run):
     out, report, rows, _ = corpus_run
     for name in ("good_copy.mp4", "good_link.mp4"):

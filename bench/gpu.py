@@ -62,7 +62,7 @@ class Sizes:
 
 
 FULL = Sizes(512, 896, 24, 48, 8, 5, 2, 48, 48)
-DRY = Sizes(128, 256, 2, 8, 2, 1, 1, 4, 4)
+DRY = Sizes(128, 256, 2, 8, 2, 1, 0, 4, 4)  # one step, no warm-up
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -231,9 +231,10 @@ class GpuBench:
         base = self.inputs(T=s.T, batch=self.args.batch_c, timed_steps=s.steps, warmup=s.warm)
         for ckpt in (False, True):
             try:
-                self.step_c["on" if ckpt else "off"] = self.timed_stage("C", self.args.batch_c, ckpt)
+                key = "on" if ckpt else "off"
+                self.step_c[key] = self.timed_stage("C", self.args.batch_c, ckpt)
             except torch.cuda.OutOfMemoryError as e:
-                sec.notes.append(f"checkpointing {'on' if ckpt else 'off'}: out of memory ({e})"[:300])
+                sec.notes.append(f"checkpointing {key}: out of memory ({e})"[:300])
         if self.unet_note:
             sec.notes.append(self.unet_note)
         if not self.step_c:
@@ -347,7 +348,8 @@ class GpuBench:
             registry.dwpose_paths(self.models)
             models = self.models
         except registry.MissingWeightError:
-            models, stand_in = ModelsConfig(profile="tiny", models_dir=str(self.out / "models")), True
+            models = ModelsConfig(profile="tiny", models_dir=str(self.out / "models"))
+            stand_in = True
         pcfg = build_preprocess_config(["pose.backend=dwpose", f"device={self.device}",
                                         f"models.profile={models.profile}",
                                         f"models.models_dir={models.models_dir}"])
@@ -369,7 +371,8 @@ class GpuBench:
                                          onnx="tiny stand-ins" if stand_in else "DWpose")))
         if stand_in:
             sec.notes.append("DWpose files not found: the tiny stand-in ONNX files ran (same "
-                             "inputs/outputs, not the same work); `dwm models` fetches the real ones")
+                             "inputs/outputs, not the same work); `dwm models` fetches the real "
+                             "ones")
         if self.device == "cuda" and not cuda_ort:
             sec.notes.append("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): "
                              "DWpose ran on the CPU")

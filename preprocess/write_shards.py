@@ -279,7 +279,8 @@ def _write_rank_manifest(out: str, shards, features, stats, rank: int, extra) ->
 
 def _remove_stale_shards(out: str, keep: set[str], rank: int, world_size: int) -> None:
     """Shards of an earlier run that this run did not write again (fewer videos, new sizes)."""
-    prefixes = ("train-", "val-") if world_size <= 1 else (f"r{rank:04d}-train-", f"r{rank:04d}-val-")
+    prefixes = (("train-", "val-") if world_size <= 1
+                else (f"r{rank:04d}-train-", f"r{rank:04d}-val-"))
     fs, root = storage.fs_and_path(out)  # a local folder or an fsspec URL
     for path in fs.ls(root, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]

@@ -277,11 +277,11 @@ class BenchConfig:
     threads: int = 2
     # -- added by the bench (dwm.training.bench)
     taesd: str = ""  # TAESD folder for the latents extractor; default ../shared/samples/weights/taesd
-    seconds: float = 4.0  # seconds of the video that the preprocess sections use (0 = all of it)
+    seconds: float = 2.0  # seconds of the video for runs with model extractors (0 = all of it)
     pose_backend: Literal["dwpose", "mediapipe"] = "mediapipe"  # pose extractor of section 2
     loader_samples: int = 8  # synthetic 512x896 shard samples (150 frames each) for section 4
     loader_batches: int = 24  # batches timed per loader repetition
-    train_steps: int = 8  # timed train steps per stage and repetition (after warm-up steps)
+    train_steps: int = 3  # timed train steps per stage (after 2 warm-up steps)
     workers: int = -1  # data-loader workers of sections 4-5 (-1: the TrainConfig default)
     sections: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5", "6"])
     profile: bool = True  # profile (cProfile) each figure that misses its goal

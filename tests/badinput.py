@@ -164,7 +164,8 @@ def make_corpus(root: str | Path, seconds: float = 1.5) -> tuple[Path, dict[str,
     stored = src / "rot_stored.mp4"
     ffmpeg("-i", str(rot_src), "-vf", "transpose=1", "-c:v", "libx264", "-crf", "12",
            "-c:a", "copy", str(stored))
-    ffmpeg("-i", str(stored), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(vids / "rotated.mp4"))
+    ffmpeg("-i", str(stored), "-c", "copy", "-metadata:s:v:0", "rotate=90",
+           str(vids / "rotated.mp4"))
     _check_display(vids / "rotated.mp4", rot_src, src)
     cases.append(Case("rotated.mp4", "ok", "", "stored 128x72 + display matrix (90 degrees)",
                       "rotation read, 72x128 upright, same pictures as the unrotated source"))

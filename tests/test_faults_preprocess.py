@@ -245,14 +245,17 @@ def reference(kill_videos, tiny_models_cfg, tmp_path_factory):
     """An uninterrupted run, and how long its working part (after start-up) took."""
     out = tmp_path_factory.mktemp("kill_ref") / "out"
     t0 = time.monotonic()
-    proc = subprocess.Popen(dwm_cmd(*pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS)),
-                            env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t_work = None
-    while proc.poll() is None:
-        if t_work is None and _work_started(out):
-            t_work = time.monotonic()
-        time.sleep(0.02)
-    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    args = pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS)
+    log = out.parent / "stderr.txt"
+    with open(log, "wb") as err:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(dwm_cmd(*args), env=run_env(), stdout=subprocess.DEVNULL,
+                                stderr=err)
+        t_work = None
+        while proc.poll() is None:
+            if t_work is None and _work_started(out):
+                t_work = time.monotonic()
+            time.sleep(0.02)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     t_end = time.monotonic()
     return out, (t_work or t0) - t0, t_end - (t_work or t0)
 
@@ -280,17 +283,21 @@ def test_kill_anywhere_then_resume_gives_the_same_bytes(reference, kill_videos, 
         while proc.poll() is None and not _work_started(out) and time.monotonic() - t0 < 300:
             time.sleep(0.01)
         time.sleep(delay)  # seeded random point inside the working time
-        if proc.poll() is None:
+        was_running = proc.poll() is None
+        if was_running:
             os.killpg(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait()
+        state = sorted(p.name for p in out.iterdir()) if out.exists() else []
+        print(f"trial {trial}: {'killed' if was_running else 'finished'} {delay:.2f}s into "
+              f"{t_work:.2f}s of work; left: {state}")
         # the re-run: the same entry point, in this process (saves a start-up per trial)
         rc = dwm_main(*pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS))
         assert rc == 0, trial
         got = dataset_files(out)
         assert sorted(got) == sorted(want), trial
         for name in want:
-            assert got[name] == want[name], f"trial {trial} (kill after {delay:.2f}s): {name} differs"
+            assert got[name] == want[name], f"trial {trial} (killed at {delay:.2f}s): {name}"
         assert leftovers(out) == [], trial
         verify_shards(load_manifest(str(out / "manifest.json")))
     assert killed >= 3, f"only {killed} of 5 runs were killed before they finished"

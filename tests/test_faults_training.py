@@ -85,7 +85,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 def test_kill_training_then_resume_matches_an_uninterrupted_run(synth, tmp_path):
     ref = tmp_path / "ref"
+    t0 = time.monotonic()
     assert dwm_main(*train_args(synth, ref)) == 0  # uninterrupted
+    step_time = (time.monotonic() - t0) / STEPS  # an upper bound: start-up included
     want = summary_losses(ref)
     assert sorted(want) == list(range(1, STEPS + 1))
 
@@ -93,7 +95,7 @@ def test_kill_training_then_resume_matches_an_uninterrupted_run(synth, tmp_path)
     sdir = out / "stage_A"
     rng = random.Random(7)
     first_ckpt = rng.choice([2, 4])  # kill somewhere after this checkpoint is complete
-    extra_delay = rng.uniform(0.0, 0.5)
+    extra_delay = rng.uniform(0.0, 1.5) * step_time  # within the next step or two
     proc = subprocess.Popen(dwm_cmd(*train_args(synth, out)), env=run_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -110,6 +112,7 @@ def test_kill_training_then_resume_matches_an_uninterrupted_run(synth, tmp_path)
     done = ckpt.list_checkpoints(sdir)
     assert done, "no complete checkpoint to resume from"
     resume_step = done[-1][0]
+    print(f"killed {extra_delay:.2f}s after checkpoint-{first_ckpt}; resuming from {resume_step}")
 
     # a crash while writing a later checkpoint, and a foreign/incomplete one: never loaded
     half = sdir / f"{ckpt.TMP_PREFIX}{STEPS - 2}"

@@ -12,7 +12,6 @@ accelerate DDP on 2 CPU ranks (gloo), loaders with more workers than shards, fss
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess

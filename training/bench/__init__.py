@@ -86,14 +86,15 @@ def main(cfg: BenchConfig) -> int:
         holder = secs.get("2") or secs.get("3") or Section("2", TITLES["2"])
         _run(holder, lambda: section_preprocess(bench, secs.get("2"), secs.get("3")))
         if holder.error:
-            for k in ("2", "3"):
+            for k in ("2", "3", "5", "6"):
                 if k in secs and secs[k] is not holder:
-                    secs[k].error = f"see section {holder.key}: {holder.error}"
+                    secs[k].error = f"preprocessing failed: {holder.error}"
+                    secs[k].notes += holder.notes
     if "4" in secs:
         _run(secs["4"], lambda: section_loader(bench, secs["4"]))
-    if "5" in secs:
+    if "5" in secs and not secs["5"].error:
         _run(secs["5"], lambda: section_train(bench, secs["5"]))
-    if "6" in secs:
+    if "6" in secs and not secs["6"].error:
         _run(secs["6"], lambda: section_storage(bench, secs["6"]))
 
     report.seconds = time.perf_counter() - t0

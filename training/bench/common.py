@@ -92,11 +92,14 @@ class Bench:
               "models.models_dir": str(self.models_dir), "models.vae": str(self.taesd),
               "pose.backend": self.cfg.pose_backend, "decode.max_seconds": self.seconds,
               "shards.holdout_fraction": 0.0, "workers": 1}
+        if not self.quick:  # two segments in the 2 s default, one per loader worker (section 5)
+            ov["decode.segment_frames"] = 24
         if self.quick:
             # about a quarter of the tiny profile's pixels (heatmaps, image / 8, must stay
             # divisible by 8); two 4-frame segments, so that each of 2 loader workers gets one
             ov.update({"decode.width": 128, "decode.height": 256, "decode.segment_frames": 4,
                        "decode.min_frames": 4})
+            ov.pop("models.vae")  # the tiny profile's VAE: TAESD is the slowest part
         if extractors is not None:
             ov["extractors"] = ",".join(extractors)
         ov.update(overrides)

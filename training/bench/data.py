@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -117,7 +116,8 @@ def section_decode(bench: Bench, sec: Section) -> None:
             bench.decode_fps, bench.decode_inputs = median(fps), inputs
 
     # the stage-C resolution (what the anchors decode each step, section 4b)
-    pcfg = bench.preprocess_config(bench.out / "unused", **{"decode.max_seconds": bench.decode_seconds})
+    pcfg = bench.preprocess_config(bench.out / "unused",
+                                   **{"decode.max_seconds": bench.decode_seconds})
     big = DecodeConfig(fps=pcfg.decode.fps, width=512, height=896, segment_frames=150,
                        min_frames=8, max_seconds=pcfg.decode.max_seconds)
     dec_big = decode_frames(str(bench.video), big, probe)
@@ -190,8 +190,10 @@ def section_preprocess(bench: Bench, sec2: Section | None, sec3: Section | None)
             pcfg = bench.preprocess_config(work / f"only-{name}", [name])
             runs = [run_preprocess(pcfg) for _ in range(bench.repeats)]
             fps = [frames_of(r) / t for t, r in runs]
-            label = {"pose": f"pose ({pcfg.pose.backend})", "latents": "latents (TAESD)",
-                     "face": "face (tiny stand-in ONNX)", "clip": "clip (tiny CLIP)"}.get(name, name)
+            vae = "TAESD" if pcfg.models.vae else "tiny VAE"
+            label = {"pose": f"pose ({pcfg.pose.backend})", "latents": f"latents ({vae})",
+                     "face": "face (tiny stand-in ONNX)",
+                     "clip": "clip (tiny CLIP)"}.get(name, name)
             timings = runs[-1][1]["videos"][0].get("timings", {})
             sec2.add(Figure(f"{label} alone, end to end", median(fps), "frames/s",
                             Reference("decode alone, same length (section 1)", ref, "frames/s"),
@@ -212,7 +214,8 @@ def section_preprocess(bench: Bench, sec2: Section | None, sec3: Section | None)
     n = frames_of(first[0][1])
     bench.full_run, bench.full_frames = Path(pcfg.out), n
     whole_inputs = bench.base_inputs(pcfg, frames=n, extractors=WHOLE, workers=1, profile="tiny",
-                                     pose=pcfg.pose.backend, vae="TAESD")
+                                     pose=pcfg.pose.backend,
+                                     vae="TAESD" if pcfg.models.vae else "tiny VAE")
     if sec2 is not None:
         fps = [n / t for t, _ in first]
         sec2.add(Figure("whole pipeline (all six extractors)", median(fps), "frames/s",
@@ -273,7 +276,8 @@ def section_storage(bench: Bench, sec: Section) -> None:
     probe_frames = int(report["videos"][0].get("num_frames") or 0)
     mp4_per_frame = bench.video.stat().st_size / max(1, probe_frames)
     pcfg = report["config"]
-    inputs = {"video": bench.video.name, "res": f"{pcfg['decode']['width']}x{pcfg['decode']['height']}",
+    res = f"{pcfg['decode']['width']}x{pcfg['decode']['height']}"
+    inputs = {"video": bench.video.name, "res": res,
               "frames": frames, "profile": "tiny", "extractors": WHOLE}
 
     # shards: bytes of each feature's members (npy incl. header) per frame

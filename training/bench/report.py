@@ -186,9 +186,9 @@ class Report:
     def markdown(self) -> str:
         m = self.machine
         lines = [f"# {self.title}", "",
-                 f"Machine: {m.get('cpus')} CPUs, {m.get('gpu', 'no GPU')}, torch {m.get('torch')}, "
-                 f"Python {m.get('python')}. Total {self.seconds:.0f} s. Every value is the median of "
-                 f"its repetitions; ratio = value / reference.", "",
+                 f"Machine: {m.get('cpus')} CPUs, {m.get('gpu', 'no GPU')}, torch "
+                 f"{m.get('torch')}, Python {m.get('python')}. Total {self.seconds:.0f} s. Every "
+                 "value is the median of its repetitions; ratio = value / reference.", "",
                  "| # | figure | value | reference | ratio | goal | met | inputs |",
                  "|---|---|---|---|---|---|---|---|"]
         for s in self.sections:

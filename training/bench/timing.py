@@ -53,10 +53,10 @@ def profile_top(fn: Callable[[], Any], n: int = 14, sort: str = "tottime") -> li
         fn()
     finally:
         prof.disable()
-    stats = pstats.Stats(prof, stream=io.StringIO())
-    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2 if sort == "tottime" else 3],  # type: ignore[attr-defined]
-                  reverse=True)[:n]
+    table = pstats.Stats(prof, stream=io.StringIO()).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in table.values())
+    col = 2 if sort == "tottime" else 3
+    rows = sorted(table.items(), key=lambda kv: kv[1][col], reverse=True)[:n]
     lines = [f"total {total:.3f} s   own s   cum s    calls  function"]
     for (path, line, func), (cc, nc, tt, ct, _callers) in rows:
         where = f"{_short(path)}:{line}({func})" if line else func

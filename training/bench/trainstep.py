@@ -1,12 +1,12 @@
 """Section 5: the train step of each stage (tiny models), split into data-wait / forward /
 backward / optimiser by the engine itself.
 
-Each repetition is a real :func:`dwm.training.engine.run_stage` on the shards of the whole
-preprocessing run (section 2), with the TrainConfig's default loader settings (workers, prefetch,
-shuffle buffer, pinning) and ``log_steps=1``: the engine then logs its per-step timing split
-(``perf/*``) to TensorBoard, which is read back here. The first steps (worker start, first
-batches, lazy set-up) are warm-up and left out; a repetition's figure is the mean of the steps
-after them, and the table shows the median over repetitions.
+Each stage runs once through the real :func:`dwm.training.engine.run_stage` on the shards of the
+whole preprocessing run (section 2), with the TrainConfig's default loader settings (workers,
+prefetch, shuffle buffer, pinning) and ``log_steps=1``: the engine then logs its per-step timing
+split (``perf/*``) to TensorBoard, which is read back here. The first steps (worker start, first
+batches, lazy set-up) are warm-up and left out; each figure is the mean over the timed steps (so
+the four parts add up to the step; the per-step values are kept as the figure's samples).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import contextlib
 import io
 import shutil
 from pathlib import Path
-from typing import Any
 
 from dwm.shared.config import TrainConfig, build_train_config
 
 from .common import Bench
 from .loader import loader_seconds
-from .report import Figure, Goal, Reference, Section, median
+from .report import Figure, Goal, Reference, Section
 from .timing import profile_top
 
 PARTS = ("data", "forward", "backward", "optimizer")
@@ -54,9 +53,9 @@ def train_config(bench: Bench, stage: str, out: Path, steps: int, workers: int |
           "prefetch_factor": d.prefetch_factor, "pin_memory": d.pin_memory,
           "shuffle_buffer": d.shuffle_buffer,
           "epoch_samples": 10**5,  # one long epoch: no worker restart inside the timing
-          STEPS_KEY[stage]: total}
-    if bench.quick:
-        ov["train_batch_size"] = 1
+          STEPS_KEY[stage]: total,
+          # one sample per batch and a fixed T: the tiny models are slow enough on a CPU
+          "train_batch_size": 1, "max_sequence_length": base.sequence_length}
     return build_train_config([f"{k}={v}" for k, v in ov.items()], stage=stage)
 
 
@@ -75,62 +74,69 @@ def run_config(cfg: TrainConfig, stage: str, steps: int):
         return run_stage(get_stage(stage)(cfg), cfg, None, max_steps=steps, save_final=False)
 
 
-def step_means(logdir: Path, warm: int) -> dict[str, float]:
-    """Mean per-step ms of data/forward/backward/optimizer/step and samples/s, over the steps
-    after ``warm`` (from the engine's ``perf/*`` TensorBoard scalars, ``log_steps=1``)."""
+def step_values(logdir: Path, warm: int) -> dict[str, list[float]]:
+    """Per-step ms of data/forward/backward/optimizer/step and samples/s, for the steps after
+    ``warm`` (from the engine's ``perf/*`` TensorBoard scalars, written with ``log_steps=1``)."""
     perf = read_perf(logdir)
     out = {}
-    for k in (*PARTS, "step"):
-        vals = [v for s, v in perf.get(f"{k}_ms", []) if s > warm]
-        if not vals:
-            raise RuntimeError(f"{logdir}: the engine logged no per-step timing after step {warm}")
-        out[k] = sum(vals) / len(vals)
-    sps = [v for s, v in perf.get("samples_per_s", []) if s > warm]
-    out["samples_per_s"] = sum(sps) / max(1, len(sps))
+    for k in (*PARTS, "step", "samples_per_s"):
+        name = k if k == "samples_per_s" else f"{k}_ms"
+        out[k] = [v for s, v in perf.get(name, []) if s > warm]
+        if not out[k]:
+            raise RuntimeError(f"{logdir}: the engine logged no {name} after step {warm}")
     return out
+
+
+def step_means(logdir: Path, warm: int) -> dict[str, float]:
+    """Means over the steps after ``warm`` of :func:`step_values` (the parts add up to the step)."""
+    return {k: sum(v) / len(v) for k, v in step_values(logdir, warm).items()}
 
 
 def section_train(bench: Bench, sec: Section) -> None:
     if bench.full_run is None:
         raise RuntimeError("needs the shards of the whole-pipeline run (section 2)")
-    warm = 1 if bench.quick else 3
-    steps = 1 if bench.quick else max(2, bench.cfg.train_steps)
+    warm = 0 if bench.quick else 2  # quick: one step, first-step costs included
+    steps = 1 if bench.quick else max(3, bench.cfg.train_steps)
     workers = TrainConfig().num_workers if bench.cfg.workers < 0 else bench.cfg.workers
     for stage in ("A", "B", "C"):
-        per_rep: dict[str, list[float]] = {k: [] for k in (*PARTS, "step", "samples_per_s")}
-        cfg = None
-        for rep in range(bench.repeats):
-            out = bench.out / "work" / "train" / f"{stage}-r{rep}"
-            cfg, _res = run_steps(bench, stage, out, warm + steps, workers)
-            for k, v in step_means(out / f"stage_{stage}" / "logs", warm).items():
-                per_rep[k].append(v)
-        assert cfg is not None
-        step_ms = median(per_rep["step"])
+        out = bench.out / "work" / "train" / stage
+        cfg, _res = run_steps(bench, stage, out, warm + steps, workers)
+        vals = step_values(out / f"stage_{stage}" / "logs", warm)
+        mean = {k: sum(v) / len(v) for k, v in vals.items()}
         inputs = {"model": "tiny", "data": f"{bench.video.name} shards (section 2, tiny profile)",
-                  "batch": cfg.train_batch_size, "workers": workers,
+                  "res": res_of(bench), "batch": cfg.train_batch_size, "workers": workers,
                   "prefetch": cfg.prefetch_factor, "timed_steps": steps, "warmup_steps": warm,
-                  "threads": bench.threads, "repeats": bench.repeats}
+                  "stat": "mean of the timed steps", "threads": bench.threads}
         if stage == "A":
             inputs["W"] = cfg.audio_window
         if stage == "C":
-            inputs["T"] = f"{cfg.sequence_length}..{cfg.max_sequence_length}"
+            inputs["T"] = cfg.sequence_length
         for part in PARTS:
-            label = {"data": "data-wait", "optimizer": "optimiser"}[part] if part in (
-                "data", "optimizer") else part
-            fig = sec.add(Figure(f"stage {stage}: {label}", median(per_rep[part]), "ms/step",
-                                 Reference("whole step", step_ms, "ms/step"),
+            label = {"data": "data-wait", "optimizer": "optimiser"}.get(part, part)
+            fig = sec.add(Figure(f"stage {stage}: {label}", mean[part], "ms/step",
+                                 Reference("whole step", mean["step"], "ms/step"),
                                  Goal("<=", 0.02) if part == "data" else None, inputs,
-                                 per_rep[part], per_rep["step"]))
+                                 vals[part], vals["step"]))
             if part == "data" and fig.met is False and bench.cfg.profile:
                 # the stage's loader alone, in-process (workers=0), so that cProfile sees it
                 sec.profiles[fig.name] = profile_top(
                     lambda: loader_seconds(stage_loader(cfg, stage, 0), warm + steps))
         dt, n = loader_seconds(stage_loader(cfg, stage, 0), max(2, steps))
         per_batch = 1000 * dt / max(1, n // cfg.train_batch_size)
-        sec.notes.append(f"stage {stage}: {median(per_rep['samples_per_s']):.2f} samples/s, step "
-                         f"{step_ms:.0f} ms (median of repetitions; engine StepStats). Its loader "
-                         f"alone, in-process (no workers): {per_batch:.0f} ms per batch of "
-                         f"{cfg.train_batch_size}.")
+        sec.notes.append(f"stage {stage}: {mean['samples_per_s']:.2f} samples/s, step "
+                         f"{mean['step']:.0f} ms (engine StepStats, mean of {steps} step(s)). Its "
+                         f"loader alone, in-process (no workers): {per_batch:.0f} ms per batch "
+                         f"of {cfg.train_batch_size}.")
+    sec.notes.append("Section 5 runs each stage once (2 warm-up steps, then the timed steps); "
+                     "the per-step values are in bench.json (samples).")
+
+
+def res_of(bench: Bench) -> str:
+    """Frame size of the section-2 shards (from that run's report.json)."""
+    import json
+
+    d = json.loads((bench.full_run / "report.json").read_text())["config"]["decode"]
+    return f"{d['width']}x{d['height']}"
 
 
 def stage_loader(cfg: TrainConfig, stage: str, workers: int):

@@ -21,7 +21,7 @@ from typing import Any
 
 from dwm.shared import storage
 from dwm.shared.cli import UserFacingError
-from dwm.shared.config import PreprocessConfig, apply_overrides, to_dict
+from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
 
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
 
@@ -102,18 +102,8 @@ def _init_worker(cfg_dict: dict, threads: int) -> None:
     import cv2
 
     cv2.setNumThreads(threads)
-    cfg = apply_overrides(PreprocessConfig(), _flat(cfg_dict))
+    cfg = apply_overrides(PreprocessConfig(), flatten(cfg_dict))
     _WORKER = VideoProcessor(cfg)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _work(task: tuple[str, str, str]) -> dict:

@@ -409,11 +409,12 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
     return cfg
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"dotted.key": value} (YAML files, saved configs)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -424,7 +425,7 @@ def load_yaml(cfg: Any, path: str | Path) -> Any:
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     try:
-        return apply_overrides(cfg, _flatten(data))
+        return apply_overrides(cfg, flatten(data))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -158,23 +158,13 @@ def train_setting(meta: dict[str, Any], key: str) -> Any:
     return cfg.get(key, getattr(C.TrainConfig(), key))
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def preprocess_config(models: C.ModelsConfig, pose_backend: str = "",
                       recorded: dict[str, Any] | None = None) -> C.PreprocessConfig:
     """The preprocessing settings the extractors run with here: those ``recorded`` in a
     manifest (``manifest["config"]``: pose backend, face detector size, audio settings) when
     known, else the profile's defaults; always with ``models`` (this machine's weights)."""
     pcfg = C.build_preprocess_config([f"profile={models.profile}"])
-    for key, value in _flat(recorded or {}).items():
+    for key, value in C.flatten(recorded or {}).items():
         if key.startswith("models.") or key == "extractors":
             continue
         try:

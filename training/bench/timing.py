@@ -53,6 +53,11 @@ def profile_top(fn: Callable[[], Any], n: int = 14, sort: str = "tottime") -> li
         fn()
     finally:
         prof.disable()
+    return format_profile(prof, n, sort)
+
+
+def format_profile(prof: cProfile.Profile, n: int = 14, sort: str = "tottime") -> list[str]:
+    """The ``n`` functions of a finished profile with the most own (or cumulative) time."""
     table = pstats.Stats(prof, stream=io.StringIO()).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in table.values())
     col = 2 if sort == "tottime" else 3

@@ -21,7 +21,7 @@ from dwm.shared.config import TrainConfig, build_train_config
 from .common import Bench
 from .loader import loader_seconds
 from .report import Figure, Goal, Reference, Section
-from .timing import profile_top
+from .timing import format_profile
 
 PARTS = ("data", "forward", "backward", "optimizer")
 STEPS_KEY = {"A": "stage_a_steps", "B": "stage_b_steps", "C": "stage_c_steps"}
@@ -118,9 +118,10 @@ def section_train(bench: Bench, sec: Section) -> None:
                                  Goal("<=", 0.02) if part == "data" else None, inputs,
                                  vals[part], vals["step"]))
             if part == "data" and fig.met is False and bench.cfg.profile:
-                # the stage's loader alone, in-process (workers=0), so that cProfile sees it
-                sec.profiles[fig.name] = profile_top(
-                    lambda: loader_seconds(stage_loader(cfg, stage, 0), warm + steps))
+                # what the main process does while the engine's data clock runs: receive a
+                # batch from the workers and batch_to_device it (the engine's data clock)
+                sec.profiles[fig.name] = profile_receive(stage_loader(cfg, stage, workers),
+                                                         warm + steps, mean["step"] / 1000)
         dt, n = loader_seconds(stage_loader(cfg, stage, 0), max(2, steps))
         per_batch = 1000 * dt / max(1, n // cfg.train_batch_size)
         sec.notes.append(f"stage {stage}: {mean['samples_per_s']:.2f} samples/s, step "
@@ -137,6 +138,28 @@ def res_of(bench: Bench) -> str:
 
     d = json.loads((bench.full_run / "report.json").read_text())["config"]["decode"]
     return f"{d['width']}x{d['height']}"
+
+
+def profile_receive(loader, batches: int, step_s: float) -> list[str]:
+    """cProfile of the engine's data clock alone, ``batch_to_device(next(it))``, in the main
+    process; between batches it sleeps for a step (the workers prefetch as in training)."""
+    import cProfile
+    import time
+
+    from dwm.datasets import batch_to_device
+
+    prof = cProfile.Profile()
+    it = iter(loader)
+    try:
+        next(it)  # worker start, outside the profile
+        for _ in range(max(1, batches)):
+            time.sleep(step_s)
+            prof.enable()
+            batch_to_device(next(it), "cpu")
+            prof.disable()
+    finally:
+        it.close()
+    return format_profile(prof)
 
 
 def stage_loader(cfg: TrainConfig, stage: str, workers: int):

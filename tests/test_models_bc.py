@@ -19,10 +19,10 @@ B, F, H, W = 2, 3, 16, 8
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models run many small ops: one thread avoids OpenMP spin-waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from fixtures_data import one_torch_thread
+
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

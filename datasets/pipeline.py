@@ -20,8 +20,8 @@ processes (the worker count itself is part of the data order: keep it when resum
 
 from __future__ import annotations
 
-import io
 import logging
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -33,9 +33,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from dwm.shared.shards import ManifestError, check_member_name, load_manifest, read_shard
+from dwm.shared.shards import ManifestError, ShardFile, load_manifest
 
-from .views import View, collate, sample_meta
+from .views import View, collate, collate_packed, sample_meta, unpack_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +52,19 @@ def split_samples(manifest: dict[str, Any], split: str) -> int:
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as dicts of raw bytes: ``{"__key__", "__url__", "json",
-    "<name>.npy", ...}``. Opened through fsspec (local paths, file://, memory://, s3://, ...)."""
-    def safe(fname: str) -> bool:
-        check_member_name(fname, url)  # raises ManifestError for unsafe names
-        return True
+    """Samples of one shard: ``{"__key__", "__url__", "json": bytes, "<name>.npy": memoryview,
+    ...}``. Opened through fsspec (local paths, file://, memory://, s3://, ...).
 
-    # the whole shard is read and checked against the manifest's sha256 before any sample of
-    # it is used (URLs from load_manifest carry the digest; see shards.ShardURL)
-    with io.BytesIO(read_shard(url)) as fh:
-        files = tariterators.tar_file_iterator(fh, select_files=safe)
-        files = ({**f, "__url__": url} for f in files)
-        yield from tariterators.group_by_keys(files)
+    Array members are zero-copy views of the shard (memory-mapped when local), so a sample
+    waiting in the shuffle buffer costs no memory and a view that cuts a window out of it reads
+    only the window (:func:`dwm.shared.shards.decode_npy`). The shard is checked against the
+    manifest's sha256 before any sample of it is used (see :class:`~dwm.shared.shards.ShardFile`)."""
+    shard = ShardFile(url)
+    files = ({"fname": name, "__url__": url,
+              "data": bytes(shard.member(off, size)) if name.endswith(".json")
+              else shard.member(off, size)}
+             for name, off, size in shard.members)
+    yield from tariterators.group_by_keys(files)
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -131,21 +132,27 @@ def worker_stream(spec: StreamSpec, epoch: int, wid: int, total: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# the training dataset (one epoch, from a start position)
+# the training dataset (every epoch of a run, from a start position)
 # ---------------------------------------------------------------------------------------------
-class EpochDataset(IterableDataset):
-    """Yields the batches ``start_batch..batches_per_epoch-1`` of one epoch, on this rank."""
+class RunDataset(IterableDataset):
+    """Yields this rank's batches from (``start_epoch``, ``start_batch``) on, epoch after epoch.
 
-    def __init__(self, spec: StreamSpec, view: View, batch_size: int, epoch: int,
-                 batches_per_epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
-                 batch_offset: int = 0, length_fn: Callable[[int], int | None] | None = None,
-                 max_rejects: int = 10000):
+    One DataLoader serves the whole run: workers are started once (not at every epoch), so each
+    worker checks a shard's sha256 once per run, and the epoch boundary costs no restart. Each
+    worker plays one logical worker for the whole run; since every epoch has a multiple of the
+    worker count of batches, the round-robin order carries across epochs unchanged."""
+
+    def __init__(self, spec: StreamSpec, view: View, batch_size: int, batches_per_epoch: int,
+                 start_epoch: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                 length_fn: Callable[[int], int | None] | None = None, max_rejects: int = 10000,
+                 float_images: bool = False):
         self.max_rejects = int(max_rejects)
         self.spec, self.view, self.batch_size = spec, view, int(batch_size)
-        self.epoch, self.batches_per_epoch = int(epoch), int(batches_per_epoch)
-        self.start_batch, self.rank, self.world_size = int(start_batch), int(rank), int(world_size)
-        self.batch_offset = int(batch_offset)  # global batch index of this epoch's batch 0
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.start_epoch, self.start_batch = int(start_epoch), int(start_batch)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.length_fn = length_fn
+        self.float_images = bool(float_images)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -156,12 +163,17 @@ class EpochDataset(IterableDataset):
         K = self.start_batch
         logical = (phys + K) % n  # rotation keeps the round-robin order exact after a resume
         done = K // n + (1 if logical < K % n else 0)
+        for epoch in itertools.count(self.start_epoch):
+            yield from self._epoch(epoch, logical, n, done if epoch == self.start_epoch else 0)
+
+    def _epoch(self, epoch: int, logical: int, n: int, done: int) -> Iterator[dict[str, Any]]:
         per_worker = self.batches_per_epoch // n
         wid, total = self.rank * n + logical, self.world_size * n
-        stream = worker_stream(self.spec, self.epoch, wid, total)
+        stream = worker_stream(self.spec, epoch, wid, total)
+        batch_offset = epoch * self.batches_per_epoch  # global index of this epoch's batch 0
         item_index = 0
         for j in range(per_worker):
-            global_batch = self.batch_offset + j * n + logical
+            global_batch = batch_offset + j * n + logical
             length = self.length_fn(global_batch) if self.length_fn is not None else None
             items = []
             rejected = 0
@@ -186,7 +198,7 @@ class EpochDataset(IterableDataset):
                 if j < done:  # resume: count it, do not decode it
                     items.append(None)
                     continue
-                rng = np.random.default_rng([self.spec.seed, self.epoch, wid, idx])
+                rng = np.random.default_rng([self.spec.seed, epoch, wid, idx])
                 try:
                     items.append(self.view.make_item(raw, rng, length))
                     broken = 0
@@ -203,7 +215,7 @@ class EpochDataset(IterableDataset):
                             f"the last, {raw.get('__url__')}:{raw.get('__key__')}: {e}") from None
             if j < done:
                 continue
-            batch = collate(items)
+            batch = collate_packed(items, self.float_images)
             if length is not None:
                 batch["seq_len"] = int(length)
             yield batch
@@ -235,7 +247,11 @@ class TrainLoader:
                  split: str = "train", seed: int = 0, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int = 2, resampled: bool = False,
                  epoch_samples: int = 0, shuffle_buffer: int = 64, rank: int = 0,
-                 world_size: int = 1, length_fn: Callable[[int], int | None] | None = None):
+                 world_size: int = 1, length_fn: Callable[[int], int | None] | None = None,
+                 float_images: bool = False):
+        """``float_images``: the workers turn the uint8 image-like tensors into float32 in
+        [0, 1] (right when the step runs on the CPU, where the main process would otherwise do
+        it inside the step's data time; on a GPU keep uint8: 4x less to copy to the device)."""
         if isinstance(manifest, str):
             manifest = load_manifest(manifest)
         urls = split_urls(manifest, split)
@@ -248,6 +264,7 @@ class TrainLoader:
         self.prefetch_factor = prefetch_factor
         self.rank, self.world_size = rank, world_size
         self.length_fn = length_fn
+        self.float_images = bool(float_images)
         self.split_size = split_samples(manifest, split)
         samples = int(epoch_samples) or self.split_size
         per_rank = max(1, samples // (self.batch_size * world_size))
@@ -276,12 +293,13 @@ class TrainLoader:
             )
         self.position.epoch, self.position.batch = int(state["epoch"]), int(state["batch"])
 
-    def _epoch_loader(self) -> DataLoader:
+    def _run_loader(self) -> DataLoader:
         pos = self.position
-        ds = EpochDataset(self.spec, self.view, self.batch_size, pos.epoch, pos.batches_per_epoch,
-                          start_batch=pos.batch, rank=self.rank, world_size=self.world_size,
-                          batch_offset=pos.epoch * pos.batches_per_epoch, length_fn=self.length_fn,
-                          max_rejects=3 * self.split_size + self.spec.shuffle_buffer + 16)
+        ds = RunDataset(self.spec, self.view, self.batch_size, pos.batches_per_epoch,
+                        start_epoch=pos.epoch, start_batch=pos.batch, rank=self.rank,
+                        world_size=self.world_size, length_fn=self.length_fn,
+                        max_rejects=3 * self.split_size + self.spec.shuffle_buffer + 16,
+                        float_images=self.float_images)
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw["prefetch_factor"] = self.prefetch_factor
@@ -292,13 +310,15 @@ class TrainLoader:
                           pin_memory=self.pin_memory, generator=gen, **kw)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            if self.position.batch >= self.batches_per_epoch:
+        if self.position.batch >= self.batches_per_epoch:
+            self.position.epoch += 1
+            self.position.batch = 0
+        for packed in self._run_loader():
+            if self.position.batch >= self.batches_per_epoch:  # this batch opens the next epoch
                 self.position.epoch += 1
                 self.position.batch = 0
-            for batch in self._epoch_loader():
-                self.position.batch += 1
-                yield batch
+            self.position.batch += 1
+            yield unpack_batch(packed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
+import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -44,8 +46,41 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def decode_npy(data: bytes | memoryview) -> np.ndarray:
+    """The array of an ``.npy`` member, as a read-only view of ``data`` (no copy), so that a
+    reader that slices a window touches only the window's bytes. Object dtypes (pickle) are
+    refused, as ``np.load(allow_pickle=False)`` does."""
+    mv = memoryview(data).cast("B")
+    if bytes(mv[:6]) != b"\x93NUMPY" or len(mv) < 10:
+        raise ValueError("not an .npy array (bad magic)")
+    major = mv[6]
+    if major == 1:
+        start = 10 + int.from_bytes(mv[8:10], "little")
+    elif major in (2, 3):
+        start = 12 + int.from_bytes(mv[8:12], "little")
+    else:
+        raise ValueError(f"unsupported .npy format version {major}")
+    head = mv[:start].tobytes()
+    if head not in _NPY_HEADERS:  # samples of a dataset repeat a few headers: parse each once
+        fp = io.BytesIO(head)
+        version = np.lib.format.read_magic(fp)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        if len(_NPY_HEADERS) > 4096:
+            _NPY_HEADERS.clear()
+        _NPY_HEADERS[head] = read_header(fp)
+    shape, fortran, dtype = _NPY_HEADERS[head]
+    if dtype.hasobject:
+        raise ValueError("the .npy array holds Python objects: a pickle, refused (allow_pickle=False)")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(mv) - start < count * dtype.itemsize:
+        raise ValueError(f".npy array truncated: {len(mv) - start} data bytes for shape {shape} "
+                         f"{dtype}")
+    arr = np.frombuffer(mv, dtype=dtype, count=count, offset=start)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
+_NPY_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, fortran_order, dtype)
 
 
 def sample_members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
@@ -173,7 +208,7 @@ def load_manifest(path: str) -> dict[str, Any]:
 
 class ShardURL(str):
     """A shard's URL that remembers the manifest's sha256, so every reader that gets the URL
-    from a manifest (directly or through ``split_urls``) checks the bytes: :func:`read_shard`."""
+    from a manifest (directly or through ``split_urls``) checks the bytes: :class:`ShardFile`."""
 
     sha256: str | None
 
@@ -186,28 +221,99 @@ class ShardURL(str):
         return (ShardURL, (str(self), self.sha256))
 
 
-def read_shard(url: str) -> bytes:
-    """The bytes of one shard; a :class:`ShardURL` is checked against the manifest's sha256
-    before anything of it is used (ManifestError naming the shard when it does not match)."""
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise ManifestError(f"{url}: shard listed in the manifest is missing") from None
-    want = getattr(url, "sha256", None)
-    stamp = (str(url), want, len(data), _mtime(url))
-    if want and stamp not in _VERIFIED:  # hash a shard once per process, not on every pass
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != want:
-            raise ManifestError(
-                f"{url}: sha256 {digest[:12]}... does not match the manifest ({want[:12]}...); "
-                f"the shard is corrupt or was replaced: refusing to read it")
-        _VERIFIED.add(stamp)
-    return data
+class ShardFile:
+    """One shard opened for reading: its bytes and its member table.
+
+    A local shard is memory-mapped, so a reader that cuts a 24-frame window out of a 150-frame
+    sample reads only those pages; other URLs are read whole. Before any member is used, the
+    bytes are checked against the manifest's sha256 (a :class:`ShardURL` carries it), once per
+    process and file version. The member table comes from the tar headers alone (``tarfile``
+    walks them and seeks over the data); unsafe member names are refused."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.buffer = _map_or_read(url)
+        except FileNotFoundError:
+            raise ManifestError(f"{url}: shard listed in the manifest is missing") from None
+        want = getattr(url, "sha256", None)
+        stamp = (str(url), want, len(self.buffer), _mtime(url))
+        if stamp in _MEMBER_TABLES:  # opened before by this process: checked and indexed
+            self.members = _MEMBER_TABLES[stamp]
+            return
+        if want and stamp not in _VERIFIED:  # hash a shard once per process, not on every pass
+            digest = hashlib.sha256(self.buffer).hexdigest()
+            if digest != want:
+                raise ManifestError(
+                    f"{url}: sha256 {digest[:12]}... does not match the manifest ({want[:12]}...); "
+                    f"the shard is corrupt or was replaced: refusing to read it")
+            _VERIFIED.add(stamp)
+        self.members: list[tuple[str, int, int]] = []  # (name, data offset, size), tar order
+        try:
+            with tarfile.open(fileobj=_BufferReader(self.buffer), mode="r:") as tar:
+                for info in tar:
+                    check_member_name(info.name, url)
+                    if info.isfile():
+                        self.members.append((info.name, info.offset_data, info.size))
+        except tarfile.TarError as e:
+            raise ManifestError(f"{url}: not a readable tar ({e})") from None
+        end = max((o + n for _, o, n in self.members), default=0)
+        if end > len(self.buffer):
+            raise ManifestError(f"{url}: truncated tar (a member ends at byte {end} of "
+                                f"{len(self.buffer)})")
+        if len(_MEMBER_TABLES) >= 1024:  # a bounded memo: drop the oldest
+            _MEMBER_TABLES.pop(next(iter(_MEMBER_TABLES)))
+        _MEMBER_TABLES[stamp] = self.members
+
+    def member(self, offset: int, size: int) -> memoryview:
+        """A member's bytes, without a copy."""
+        return memoryview(self.buffer)[offset : offset + size]
+
+
+def _map_or_read(url: str) -> Any:
+    fs, path = storage.fs_and_path(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return storage.read_bytes(url)
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable, read-only file over a buffer, without copying it (for ``tarfile``)."""
+
+    def __init__(self, buffer: Any):
+        self.view = memoryview(buffer).cast("B")
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self.view) - self.pos))
+        b[:n] = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
 
 
 # (url, sha256, size, mtime) of shards whose digest this process has checked; a rewritten file
 # gets a new size or mtime and is hashed again.
 _VERIFIED: set[tuple] = set()
+# the same key -> member table of that shard: a shard read again (the next pass) is not re-parsed
+_MEMBER_TABLES: dict[tuple, list[tuple[str, int, int]]] = {}
 
 
 def _mtime(url: str) -> Any:

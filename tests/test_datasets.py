@@ -346,3 +346,80 @@ def test_unsafe_members_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="allow_pickle"):
         decode_features(raw, ("audio_mel",))
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-copy reads and packed batches
+# ---------------------------------------------------------------------------------------------
+def test_npy_members_are_views_of_the_mapped_shard(synth):
+    """Array members are decoded without a copy (a window read touches only its bytes), with
+    the same values as np.load; a truncated array names the problem."""
+    from dwm.shared.shards import decode_npy
+
+    m = load_manifest(synth)
+    raw = next(iter_tar_samples(m["shards"][0]["url"]))
+    assert isinstance(raw["json"], bytes) and isinstance(raw["latents.npy"], memoryview)
+    lat = decode_npy(raw["latents.npy"])
+    assert np.array_equal(lat, np.load(io.BytesIO(bytes(raw["latents.npy"])), allow_pickle=False))
+    assert not lat.flags.owndata and not lat.flags.writeable  # a view of the shard's bytes
+    fortran = np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4))
+    buf = io.BytesIO()
+    np.save(buf, fortran)
+    assert np.array_equal(decode_npy(buf.getvalue()), fortran)
+    with pytest.raises(ValueError, match="truncated"):
+        decode_npy(bytes(raw["latents.npy"])[:-7])
+    with pytest.raises(ValueError, match="magic"):
+        decode_npy(b"PK\x03\x04 not an array")
+
+
+@pytest.mark.parametrize("float_images", [False, True])
+def test_packed_batch_equals_collate(synth, float_images):
+    """A worker's batch travels as one buffer: unpacked, it equals collate + batch_to_device,
+    dtype for dtype (uint8 images as float in the worker give the same floats)."""
+    from dwm.datasets.views import collate_packed, unpack_batch
+
+    m = load_manifest(synth)
+    raws = [r for s in m["shards"] if s["split"] == "train" for r in iter_tar_samples(s["url"])]
+    view = ViewC(m["stats"], sequence_length=8)
+    items = [view.make_item(r, np.random.default_rng(i)) for i, r in enumerate(raws[:3])]
+    packed = collate_packed(items, float_images)
+    assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["__packed__"]
+    got, want = unpack_batch(packed), collate(items)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if not isinstance(v, torch.Tensor):
+            assert got[k] == v
+            continue
+        if float_images and k in ("heatmap", "face_mask", "ref_face_crop"):
+            assert got[k].dtype == torch.float32
+            assert torch.equal(got[k], batch_to_device({k: v}, "cpu")[k])
+        else:
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with pytest.raises(ValueError, match="shapes"):
+        collate_packed([items[0], view.make_item(raws[0], np.random.default_rng(0), 4)])
+
+
+def test_workers_hash_each_shard_once_per_run(synth, monkeypatch):
+    """One DataLoader serves every epoch: a worker checks a shard's sha256 the first time it
+    opens it, not again on the next pass or epoch."""
+    import hashlib
+
+    from dwm.shared import shards
+
+    calls = []
+    real = hashlib.sha256
+
+    def counting(data=b""):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(shards.hashlib, "sha256", counting)
+    monkeypatch.setattr(shards, "_VERIFIED", set())
+    monkeypatch.setattr(shards, "_MEMBER_TABLES", {})
+    loader = _loader(synth, view="B", bs=1, num_workers=0, epoch_samples=5)
+    it = iter(loader)
+    for _ in range(3 * loader.batches_per_epoch):  # three epochs
+        next(it)
+    assert loader.position.epoch == 2
+    n_train = sum(1 for s in load_manifest(synth)["shards"] if s["split"] == "train")
+    assert len(calls) == n_train

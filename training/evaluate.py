@@ -203,7 +203,7 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
         if frame is not None:
             emb, ok = face_target(f, frame)
             if ok:
-                crop = torch.from_numpy(f["face_crop"][frame]).permute(2, 0, 1)[None]
+                crop = torch.from_numpy(np.array(f["face_crop"][frame])).permute(2, 0, 1)[None]
                 crop = crop.to(p.device, p.dtype) / 255.0
                 face_pred.append(m2p.encode_face(crop)[0].float().cpu().numpy())
                 face_true.append(emb)

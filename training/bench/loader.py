@@ -8,7 +8,7 @@ latents / face crops / embeddings, JPEG thumbnails. Shard members are stored unc
 read and decode costs depend on sizes, not on values.
 
 The loader is :class:`dwm.datasets.TrainLoader` with the TrainConfig defaults (workers,
-prefetch, shuffle buffer) and a long fixed epoch (no worker restarts inside the timing).
+prefetch, shuffle buffer) and a long fixed epoch.
 The anchors' way (CHAMP / StableAnimator datasets) does per item: open the mp4, decode the
 window, VAE-encode it (TAESD here) and render the pose images.
 """
@@ -281,8 +281,12 @@ def section_loader(bench: Bench, sec: Section) -> None:
     sec.notes.append(
         f"Shards: {samples} synthetic samples of {frames} frames at {width}x{height} "
         f"({shards.bytes / samples / 1e6:.1f} MB each, contract dtypes), written by ShardWriter "
-        "(synthesised, not preprocessed: TAESD at 512x896 costs ~2 s a frame here). Each item "
-        "reads its whole clip sample (all members) and cuts one window from it.")
+        "(synthesised, not preprocessed: TAESD at 512x896 costs ~2 s a frame here). Shards "
+        "are memory-mapped and array members decoded as views, so an item reads the tar "
+        "headers and only the frames of its window (the raw read, `cat`, reads every byte). "
+        "The loader is timed in its steady state: after the untimed first batch, by which "
+        "each worker has opened (and sha256-checked, once per run) its shards; batches leave "
+        "the workers as uint8 images, as for a GPU step.")
     if bench.cfg.profile and figC.met is False:
         # in-process (workers=0) so that cProfile sees the work
         sec.profiles[figC.name] = profile_top(

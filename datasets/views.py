@@ -441,9 +441,10 @@ def collate_packed(items: list[dict[str, Any]], float_images: bool = False) -> d
         convert = float_images and k in UINT8_TO_FLOAT and arrs[0].dtype == np.uint8
         dtype = np.dtype(np.float32) if convert else arrs[0].dtype
         shape = (len(arrs), *arrs[0].shape)
-        layout.append((k, dtype.str, shape, total))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        layout.append((k, dtype.str, shape, total, nbytes))
         fills.append((arrs, convert))
-        total += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 64) * 64  # aligned
+        total += -(-nbytes // 64) * 64  # 64-byte aligned, so every slice can be viewed as any dtype
     if get_worker_info() is not None:  # in a worker: build it in shared memory (as torch's
         # default_collate does), or sending it to the main process copies it once more
         buf = torch.empty(0, dtype=torch.uint8).set_(
@@ -451,10 +452,8 @@ def collate_packed(items: list[dict[str, Any]], float_images: bool = False) -> d
     else:
         buf = torch.empty(max(total, 1), dtype=torch.uint8)
     flat = buf.numpy()
-    for (_, dstr, shape, off), (arrs, convert) in zip(layout, fills, strict=True):
-        dtype = np.dtype(dstr)
-        dst = flat[off : off + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
-        dst = dst.view(dtype).reshape(shape)
+    for (_, dstr, shape, off, nbytes), (arrs, convert) in zip(layout, fills, strict=True):
+        dst = flat[off : off + nbytes].view(np.dtype(dstr)).reshape(shape)
         for i, a in enumerate(arrs):
             if convert:  # float32(x) / 255 in float32, exactly as batch_to_device computes it
                 np.divide(a, np.float32(255.0), out=dst[i], dtype=np.float32)
@@ -469,15 +468,13 @@ def unpack_batch(packed: dict[str, Any]) -> dict[str, Any]:
         return packed
     buf = packed["__packed__"]
     out: dict[str, Any] = {}
-    for k, dstr, shape, off in packed["__layout__"]:
-        dtype = np.dtype(dstr)
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        out[k] = buf[off : off + n].view(_TORCH_DTYPE[dtype]).view(shape)
+    for k, dstr, shape, off, nbytes in packed["__layout__"]:
+        out[k] = buf[off : off + nbytes].view(_TORCH_DTYPE[dstr]).view(shape)
     out.update({k: v for k, v in packed.items() if k not in ("__packed__", "__layout__")})
     return out
 
 
-_TORCH_DTYPE = {np.dtype(d): torch.from_numpy(np.zeros(1, d)).dtype
+_TORCH_DTYPE = {np.dtype(d).str: torch.from_numpy(np.zeros(1, d)).dtype
                 for d in ("uint8", "int8", "int16", "int32", "int64", "float16", "float32",
                           "float64", "bool")}
 

@@ -12,6 +12,13 @@ Why not ``accelerator.save_state``/``load_state``: its loader unpickles the RNG,
 files. Here every tensor is safetensors and everything else JSON; nothing is torch-serialised, so
 there is nothing to ``torch.load`` at all.
 
+Sharded training (FSDP, through accelerate): pass the FSDP-wrapped root module as
+``sharded_root``. The full weights and the full optimiser state are then gathered to rank 0 with
+torch's ``torch.distributed.checkpoint.state_dict`` API (every process must call), and written in
+the very same layout; loading gives every process the full state and lets FSDP shard it. So a
+checkpoint does not depend on how it was trained: FSDP, DDP and single-process runs resume each
+other's checkpoints.
+
 Atomicity: everything is written into ``.tmp-checkpoint-<step>`` and renamed at the end, so a
 directory named ``checkpoint-<step>`` is always complete; :func:`latest_checkpoint` also requires
 its ``trainer_state.json``. A checkpoint is refused when a weight is NaN or Inf.
@@ -215,17 +222,155 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# sharded (FSDP) state: gathered to / scattered from full tensors
+# ---------------------------------------------------------------------------------------------
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _root_to_model_names(root: torch.nn.Module, model: torch.nn.Module) -> dict[str, str]:
+    """FQN in ``root`` (the FSDP-wrapped module holding ``model``) -> name in ``model``."""
+    prefix = next((_clean(n) + "." for n, m in root.named_modules() if m is model), None)
+    if prefix is None or prefix == ".":
+        raise ValueError("sharded_root must hold the model as a submodule")
+    return {n: n[len(prefix):] for n in (_clean(k) for k in root.state_dict().keys())
+            if n.startswith(prefix)}
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+
+
+def _require_fsdp2(root: torch.nn.Module) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in root.parameters()):
+        raise CheckpointError("sharded checkpoints need FSDP2 (DTensor parameters): set "
+                              "fsdp_version: 2 in the accelerate config")
+
+
+def gather_full_state(root: torch.nn.Module, model: torch.nn.Module, optimizer=None,
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Collective (every process calls): the full model state dict (``model``'s own names) and
+    the full optimiser state dict (as ``optimizer.state_dict()``: integer param ids), on CPU, on
+    rank 0; empty on the other ranks. FSDP2 only (DTensor parameters and optimiser state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    _require_fsdp2(root)
+    names = _root_to_model_names(root, model)
+    full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True,
+                                                               cpu_offload=True))
+    model_state = {names[k]: v for k, v in full.items() if k in names}
+    if optimizer is None:
+        return model_state, None
+    main = torch.distributed.get_rank() == 0
+    # torch's get_optimizer_state_dict cannot carry the freeze matrix's objects in the param
+    # groups; the moments are DTensors shaped like their parameters: gather them one by one
+    # (the same order on every rank), keep them on rank 0 only
+    osd = _inner(optimizer).state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, DTensor):
+                v = v.full_tensor()
+            if main:
+                state.setdefault(idx, {})[k] = v.detach().cpu() if torch.is_tensor(v) else v
+    return (model_state, {"state": state, "param_groups": osd["param_groups"]}) if main \
+        else ({}, {})
+
+
+def load_full_state(root: torch.nn.Module, model: torch.nn.Module, model_state: dict[str, Any],
+                    optimizer=None, optim_state: dict[str, Any] | None = None) -> None:
+    """Collective: load full (unsharded) states, as read by every process, into the sharded
+    ``root``; FSDP keeps each process's shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    _require_fsdp2(root)
+    to_root = {v: k for k, v in _root_to_model_names(root, model).items()}
+    unknown = [k for k in model_state if k not in to_root]
+    missing = [k for k in to_root if k not in model_state]
+    if unknown or missing:
+        raise CheckpointError(f"weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unknown[:3]})")
+    set_model_state_dict(root, {to_root[k]: v for k, v in model_state.items()},
+                         options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and optim_state is not None:
+        inner = _inner(optimizer)
+        params = [p for g in inner.param_groups for p in g["params"]]
+        state: dict[int, dict[str, Any]] = {}
+        for idx, st in optim_state["state"].items():
+            p = params[idx]
+            state[idx] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                          if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape
+                          else v for k, v in st.items()}
+        inner.load_state_dict({"state": state, "param_groups": optim_state["param_groups"]})
+
+
+def assert_finite_state(state: dict[str, torch.Tensor]) -> None:
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FloatingPointError(f"parameter {name} holds non-finite values")
+
+
+def save_model(model, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """``model.save_pretrained(path)``; with ``state`` (model names -> full tensors, e.g. from
+    :func:`gather_full_state`), those tensors are written instead of the live (sharded) ones."""
+    if state is None:
+        model.save_pretrained(path)
+        return
+    comps = model.components()
+    per: dict[str, dict[str, torch.Tensor]] = {n: {} for n in comps}
+    for k, v in state.items():
+        name, rest = k.split(".", 1)
+        per[name][rest] = v
+    try:  # diffusers' save_pretrained reads module.state_dict(): hand it the gathered one
+        for name, module in comps.items():
+            module.state_dict = (lambda sd: lambda *a, **k: sd)(per[name])
+        model.save_pretrained(path)
+    finally:
+        for module in comps.values():
+            module.__dict__.pop("state_dict", None)
+
+
+def read_model_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Tensor]:
+    """The ``save_pretrained`` safetensors of every component, as one state dict in the model's
+    own names."""
+    out: dict[str, torch.Tensor] = {}
+    for name in model.components():
+        files = sorted((model_dir / name).glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{model_dir / name}: no safetensors weights for {name}")
+        for f in files:
+            out.update({f"{name}.{k}": v for k, v in _load_tensors(f).items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # save / load
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(stage_dir: Path, step: int, *, model, optimizer, trainer_state: dict[str, Any],
                     rank: int = 0, is_main: bool = True, barrier=lambda: None,
-                    total_limit: int = 0) -> Path:
-    """Write ``checkpoint-<step>`` atomically. All processes call it (each saves its RNG)."""
+                    total_limit: int = 0, sharded_root: torch.nn.Module | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically. All processes call it (each saves its RNG).
+    ``sharded_root``: the FSDP-wrapped module holding ``model`` (its state is gathered first)."""
     final = stage_dir / f"checkpoint-{step}"
     tmp = stage_dir / f"{TMP_PREFIX}{step}"
+    model_state = optim_state = None
+    if sharded_root is not None:
+        model_state, optim_state = gather_full_state(sharded_root, model, optimizer)
     if is_main:
         try:
-            freeze.assert_finite(model)
+            if model_state is None:
+                freeze.assert_finite(model)
+            else:
+                assert_finite_state(model_state)
         except FloatingPointError as e:
             raise CheckpointError(f"refusing to write {final}: {e}") from None
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,8 +378,8 @@ def save_checkpoint(stage_dir: Path, step: int, *, model, optimizer, trainer_sta
     barrier()
     rng_to_files(tmp, rank)
     if is_main:
-        model.save_pretrained(tmp / "model")
-        optimizer_to_files(optimizer.state_dict(), tmp)
+        save_model(model, tmp / "model", model_state)
+        optimizer_to_files(optim_state if optim_state is not None else optimizer.state_dict(), tmp)
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
     barrier()
     if is_main:
@@ -247,13 +392,22 @@ def save_checkpoint(stage_dir: Path, step: int, *, model, optimizer, trainer_sta
     return final
 
 
-def load_checkpoint(path: Path, *, model, optimizer, rank: int = 0) -> dict[str, Any]:
-    """Restore model weights, optimiser state and this process's RNG; returns trainer_state."""
+def load_checkpoint(path: Path, *, model, optimizer, rank: int = 0,
+                    sharded_root: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore model weights, optimiser state and this process's RNG; returns trainer_state.
+    ``sharded_root``: as for :func:`save_checkpoint` (every process must call then)."""
     try:
         state = json.loads((path / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable {STATE_NAME} ({e})") from None
-    load_model_weights(model, path / "model")
-    optimizer.load_state_dict(optimizer_from_files(path, optimizer.state_dict()))
+    if sharded_root is not None:
+        try:
+            load_full_state(sharded_root, model, read_model_weights(model, path / "model"),
+                            optimizer, optimizer_from_files(path, optimizer.state_dict()))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path / 'model'}: {e}") from None
+    else:
+        load_model_weights(model, path / "model")
+        optimizer.load_state_dict(optimizer_from_files(path, optimizer.state_dict()))
     rng_from_files(path, rank)
     return state

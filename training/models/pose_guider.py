@@ -31,7 +31,8 @@ class PoseGuider(ModelMixin, ConfigMixin):
         self.proj_out = nn.Conv2d(prev, out_channels, 3, padding=1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        self.scale = nn.Parameter(torch.ones(()))
+        # 1 element, not 0-dim: FSDP2's fully_shard refuses scalar parameters
+        self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, heatmaps: torch.Tensor) -> torch.Tensor:
         """(N, K, h, w) heatmaps in [0, 1] -> (N, out_channels, h, w) residual for conv_in."""

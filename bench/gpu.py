@@ -3,6 +3,7 @@
 
     python bench/gpu.py [--out bench_gpu_out] [--steps 5] [--batch-c 1] [--batch-b 4]
     python bench/gpu.py --dry-run        # the same code on the CPU, tiny models and sizes (CI)
+    python bench/gpu.py --estimate-memory  # no GPU: estimated step memory (Markdown table)
 
 Figures (each the median over timed steps or repetitions, with its reference and ratio):
 
@@ -76,6 +77,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models-dir", default="models", help="where `dwm models` put the weights")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="the GPU's dense bf16 peak, when it is not in the built-in table")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="no GPU needed: estimated peak memory of stage-C/B steps at 512x896 on "
+                        "fake tensors (dwm.training.bench.memory), as a Markdown table")
     return p.parse_args(argv)
 
 
@@ -411,6 +415,11 @@ def run_section(sec: Section, fn) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.estimate_memory:
+        from dwm.training.bench.memory import memory_table
+
+        print(memory_table(width=FULL.width, height=FULL.height, batch=args.batch_c))
+        return 0
     if not args.dry_run and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device here; use --dry-run for the CPU check", file=sys.stderr)
         return 2

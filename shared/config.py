@@ -207,7 +207,7 @@ class TrainConfig:
     shuffle_buffer: int = 64
     # -- speed and memory
     gradient_checkpointing: bool = False
-    use_xformers: bool = False
+    use_xformers: bool = False  # attention only on flash / memory-efficient kernels (engine.attention_kernels)
     # -- model size and outputs
     model_size: Literal["tiny", "full"] = "full"
     output_dir: str = "champ_2stage_output"

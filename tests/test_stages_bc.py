@@ -216,7 +216,10 @@ def trained(bc_data, tiny_models_cfg, tmp_path_factory):
     res_b = run_stage(StageB(cfg_b), cfg_b, out / "init")
     cfg_c = _cfg(bc_data, out, tiny_models_cfg.models_dir, "stage=C", "stage_c_steps=3",
                  "train_batch_size=1", "stage_c_lr=1e-3", "sequence_length=3",
-                 "max_sequence_length=5", "validation_steps=3")
+                 "max_sequence_length=5", "validation_steps=3",
+                 # the memory levers on the real path: temporal blocks checkpointed too, and
+                 # attention held to the flash / memory-efficient kernels
+                 "gradient_checkpointing=true", "use_xformers=true")
     stage_c = RecordingStageC(cfg_c)
     res_c = run_stage(stage_c, cfg_c, res_b.final_dir)
     print(f"\nstage B tiny CPU: {res_b.stats['step_ms']:.0f} ms/step "
@@ -348,3 +351,42 @@ def test_arcface_identity_loss_form(real_batch_b, tmp_path):
     cfg.arcface_weights = ""
     with pytest.raises(Exception, match="arcface_weights"):
         StageB(cfg).identity_models(torch.device("cpu"))
+
+
+def test_gradient_checkpointing_covers_temporal_blocks_and_keeps_the_gradients(tiny_models_cfg,
+                                                                                tmp_path):
+    """The memory levers change memory, not maths: with every block checkpointed (the temporal
+    ones included) and attention held to the memory-efficient kernels, a stage-C step gives the
+    same loss and gradients as without."""
+    from dwm.training.bench.memory import make_batch
+    from dwm.training.engine import attention_kernels
+    from dwm.training.models.animator import build_dance_model
+
+    cfg = _cfg("unused", tmp_path, tiny_models_cfg.models_dir, "stage=C", "sequence_length=3",
+               "use_xformers=true")
+    batch = make_batch("C", cfg, 64, 128, 3, 1)
+    torch.manual_seed(0)
+    model = build_dance_model(cfg, "C")
+    model.set_training_stage("C", cfg)
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same noise and sigma draws
+        with attention_kernels(cfg):
+            assert not torch.backends.cuda.math_sdp_enabled()  # no score-storing kernel
+            loss, _ = StageC(cfg).compute_loss(model, batch, 0, 10)
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+    loss_plain, grads_plain = loss_and_grads()
+    model.enable_gradient_checkpointing()
+    wrapped = [m for m in model.unet.modules() if getattr(m, "_dwm_checkpointed", False)]
+    assert wrapped and all(type(m).__name__ == "TemporalBasicTransformerBlock" for m in wrapped)
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert torch.backends.cuda.math_sdp_enabled()  # the context restores the kernels
+    assert torch.equal(loss_plain, loss_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys() and grads_plain
+    for n, g in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[n], g, rtol=1e-5, atol=1e-6, msg=n)

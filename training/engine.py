@@ -156,6 +156,19 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
 
 
+def attention_kernels(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """``use_xformers=true`` (the seed's key): attention may run only on the memory-efficient
+    kernels, flash and xformers' cutlass kernel (which PyTorch ships as SDPA's
+    EFFICIENT_ATTENTION), never on the math kernel that stores the (tokens x tokens) scores. An
+    input those kernels cannot take then fails loudly instead of silently costing the memory.
+    False: SDPA picks, which on a GPU prefers the same kernels."""
+    if not cfg.use_xformers:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
 def stage_dir_of(cfg: TrainConfig, name: str) -> Path:
     return Path(cfg.output_dir) / f"stage_{name}"
 
@@ -224,9 +237,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
     model = stage.build_model(cfg, str(init_path) if init_path else None)
     groups = model.set_training_stage(stage.name, cfg)
     if cfg.gradient_checkpointing:
-        for comp in model.components().values():
-            if getattr(comp, "_supports_gradient_checkpointing", False):
-                comp.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     optimizer = make_optimizer(groups, cfg)
     schedule = LRSchedule(optimizer, groups, cfg, total)
     wrapper, optimizer = acc.prepare(_LossModule(stage, model), optimizer)
@@ -337,7 +348,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
                 batch = batch_to_device(next(data_iter), acc.device)
             st.samples += batch_size_of(batch) * acc.num_processes
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(wrapper)
-            with sync:
+            with sync, attention_kernels(cfg):
                 with clock("forward"):
                     loss, parts = wrapper(batch, step, total)
                 ok = torch.isfinite(loss.detach()).float()

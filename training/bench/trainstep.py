@@ -52,7 +52,7 @@ def train_config(bench: Bench, stage: str, out: Path, steps: int, workers: int |
           "num_workers": d.num_workers if workers is None else workers,
           "prefetch_factor": d.prefetch_factor, "pin_memory": d.pin_memory,
           "shuffle_buffer": d.shuffle_buffer,
-          "epoch_samples": 10**5,  # one long epoch: no worker restart inside the timing
+          "epoch_samples": 10**5,  # one long epoch (the loader itself keeps its workers across epochs)
           STEPS_KEY[stage]: total,
           # one sample per batch and a fixed T: the tiny models are slow enough on a CPU
           "train_batch_size": 1, "max_sequence_length": base.sequence_length}

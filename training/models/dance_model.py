@@ -11,11 +11,14 @@ On disk (``save_pretrained``) it is a diffusers-style folder: one subfolder per 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import freeze
@@ -37,6 +40,23 @@ class DanceModel(nn.Module):
 
     def components(self) -> dict[str, nn.Module]:
         return {n: getattr(self, n) for n in COMPONENTS if getattr(self, n) is not None}
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass instead of keeping them: each component's
+        own diffusers checkpointing (res blocks, spatial transformer blocks), plus the denoising
+        UNet's temporal transformer blocks, which diffusers' SVD checkpointing leaves out and
+        which hold most of a stage-C step's activations (a full-size 512x896, T=24 step:
+        about 74 GiB without them, 31 GiB with them; ``python bench/gpu.py --estimate-memory``)."""
+        for comp in self.components().values():
+            if getattr(comp, "_supports_gradient_checkpointing", False):
+                comp.enable_gradient_checkpointing()
+        unet = self.components().get("unet")
+        for module in unet.modules() if unet is not None else ():
+            if (type(module).__name__ == "TemporalBasicTransformerBlock"
+                    and not getattr(module, "_dwm_checkpointed", False)):
+                # an instance-level forward keeps the parameter names (and checkpoints) unchanged
+                module.forward = functools.partial(_checkpointed_forward, module.forward)
+                module._dwm_checkpointed = True
 
     def set_training_stage(self, stage: str, cfg: Any) -> list[dict[str, Any]]:
         """Apply the freeze matrix for ``stage``; returns the optimiser param groups."""
@@ -69,3 +89,9 @@ class DanceModel(nn.Module):
             klass = getattr(importlib.import_module(module_name), class_name)
             loaded[name] = klass.from_pretrained(path / name, **kwargs)
         return cls(**loaded)
+
+
+def _checkpointed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled():  # non-reentrant: works with frozen inputs and keyword arguments
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)

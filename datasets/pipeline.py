@@ -20,10 +20,13 @@ processes (the worker count itself is part of the data order: keep it when resum
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import itertools
+import logging
 import math
+import queue
 import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -313,12 +316,71 @@ class TrainLoader:
         if self.position.batch >= self.batches_per_epoch:
             self.position.epoch += 1
             self.position.batch = 0
-        for packed in self._run_loader():
-            if self.position.batch >= self.batches_per_epoch:  # this batch opens the next epoch
-                self.position.epoch += 1
-                self.position.batch = 0
-            self.position.batch += 1
-            yield unpack_batch(packed)
+        batches = (unpack_batch(b) for b in self._run_loader())
+        if self.num_workers > 0:  # receive ahead, in a thread (with no workers: all in-line)
+            batches = BackgroundBatches(batches, depth=self.prefetch_factor)
+        try:
+            for batch in batches:
+                if self.position.batch >= self.batches_per_epoch:  # it opens the next epoch
+                    self.position.epoch += 1
+                    self.position.batch = 0
+                self.position.batch += 1  # counts what the training loop got, not what was
+                yield batch               # received ahead: a resume regenerates the rest
+        finally:
+            if isinstance(batches, BackgroundBatches):
+                batches.close()
+
+
+class BackgroundBatches:
+    """Pulls batches from the DataLoader in a thread of this process, ahead of the consumer.
+
+    Receiving a batch from a worker costs the main process a few ms (unpickling, fetching the
+    shared-memory block from the worker, mapping it); here that happens while the step computes,
+    and the training loop only takes a ready batch off a local queue (on a GPU, the DataLoader's
+    pin-memory thread plays the same part). Errors from the workers are re-raised to the
+    consumer, in order."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]], depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True,
+                                       name="dwm-batch-receiver")
+        self.thread.start()
+
+    def _run(self, batches: Iterator[dict[str, Any]]) -> None:
+        try:
+            for batch in batches:
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(("error", e))
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            kind, value = self.queue.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+
+    def close(self) -> None:
+        """Stop receiving; the thread ends (and drops the DataLoader and its workers) after the
+        batch it may be waiting for."""
+        self.stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
 
 
 # ---------------------------------------------------------------------------------------------

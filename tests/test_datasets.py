@@ -423,3 +423,43 @@ def test_workers_hash_each_shard_once_per_run(synth, monkeypatch):
     assert loader.position.epoch == 2
     n_train = sum(1 for s in load_manifest(synth)["shards"] if s["split"] == "train")
     assert len(calls) == n_train
+
+
+def test_background_batches_keep_order_raise_errors_and_stop():
+    """The receiver thread hands batches over in order, re-raises a worker's error where the
+    consumer asks for the next batch, and ends when closed."""
+    from dwm.datasets.pipeline import BackgroundBatches
+
+    def source():
+        yield from ({"i": i} for i in range(3))
+        raise ManifestError("shard x: sha256 does not match")
+
+    got = []
+    with pytest.raises(ManifestError, match="shard x"):
+        for b in BackgroundBatches(source(), depth=1):
+            got.append(b["i"])
+    assert got == [0, 1, 2]
+
+    endless = BackgroundBatches(({"i": i} for i in iter(int, 1)), depth=2)
+    assert next(iter(endless)) == {"i": 0}
+    endless.close()
+    endless.thread.join(timeout=5)
+    assert not endless.thread.is_alive()
+
+
+def test_loader_with_workers_raises_a_corrupt_shard_error(synth, tmp_path):
+    """A worker's ManifestError crosses the worker and the receiver thread unchanged."""
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(Path(synth).parent, d)
+    m = load_manifest(str(d / "manifest.json"))
+    victim = next(s for s in m["shards"] if s["split"] == "train")
+    data = bytearray(Path(victim["url"]).read_bytes())
+    data[-1024] ^= 0xFF
+    Path(victim["url"]).write_bytes(bytes(data))
+    loader = _loader(str(d / "manifest.json"), view="B", bs=1, num_workers=2)
+    it = iter(loader)
+    with pytest.raises(ManifestError, match="sha256"):
+        for _ in range(4 * loader.batches_per_epoch):
+            next(it)

@@ -160,27 +160,57 @@ class SegmentReader:
             idx = np.clip(np.searchsorted(self.pts, t + 1e-3, side="right") - 1, 0,
                           self.src_frames - 1)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        parts = []
+        exp = (length, self.plan.decode_height, self.plan.decode_width, 3)
+        # decoded straight into one array (no list + concatenate copy of the segment); a segment
+        # of one chunk is decord's array itself
+        frames = np.empty((len(uniq), *exp[1:]), np.uint8) if len(uniq) > self.chunk else None
         for c in range(0, len(uniq), self.chunk):
             want = uniq[c : c + self.chunk].tolist()
             try:
-                parts.append(self.vr.get_batch(want).asnumpy())
+                part = self.vr.get_batch(want).asnumpy()
             except Exception as e:
                 raise DecodeError(
                     f"{self.path}: decode failed at source frame {want[0]} "
                     f"(truncated or corrupt: {str(e).strip()[:160]})") from None
-        frames = np.concatenate(parts, axis=0)[inverse]
-        exp = (length, self.plan.decode_height, self.plan.decode_width, 3)
-        if frames.shape != exp:
-            raise DecodeError(f"{self.path}: decoded shape {frames.shape}, expected {exp}")
+            if part.shape != (len(want), *exp[1:]):
+                raise DecodeError(f"{self.path}: decoded shape {part.shape[1:]}, expected "
+                                  f"{exp[1:]}")
+            if frames is None:
+                frames = part
+            else:
+                frames[c : c + len(want)] = part
+            del part
+        if len(uniq) != length:  # upsampling repeats source frames
+            frames = frames[inverse]
         self.frames_decoded += len(uniq)
         self.seconds += time.perf_counter() - t0
         return frames
 
-    def segments(self) -> Iterator[tuple[int, int, int, np.ndarray]]:
-        """(segment index, start, length, frames) for every kept segment, in order."""
-        for si, (start, length) in enumerate(self.plan.segments):
-            yield si, start, length, self.read(start, length)
+    def segments(self, prefetch: bool = False) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(segment index, start, length, frames) for every kept segment, in order.
+
+        ``prefetch``: decode the next segment in a background thread while the caller works on
+        this one (decord and the extractors' native code release the GIL). At most two segments
+        are held at once; the order and the frames are the same as without it."""
+        segs = list(enumerate(self.plan.segments))
+        if not prefetch or len(segs) < 2:
+            for si, (start, length) in segs:
+                yield si, start, length, self.read(start, length)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dwm-decode")
+        fut = pool.submit(self.read, *segs[0][1])
+        try:
+            for k, (si, (start, length)) in enumerate(segs):
+                frames = fut.result()
+                fut = pool.submit(self.read, *segs[k + 1][1]) if k + 1 < len(segs) else None
+                yield si, start, length, frames
+                del frames
+        finally:  # also when the caller stops early: no decode is left running
+            if fut is not None:
+                fut.cancel()
+            pool.shutdown(wait=True)
 
     def close(self) -> None:
         self.vr = None

@@ -17,6 +17,7 @@ a pose change that leaves the crops alone does not recompute the latents.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -156,40 +157,45 @@ class VideoProcessor:
         crop_digest = array_digest(np.asarray(crops, np.int64))
         row["crop_boxes"] = [list(map(int, c)) for c in crops]
 
-        # 3. audio
-        t0 = time.perf_counter()
+        # 3. audio, in a background thread while step 4 decodes the frames (ffmpeg is a
+        # subprocess and librosa's FFTs release the GIL), joined before the video is done
+        audio_job = None
         if "audio" in self.extractors and probe.has_audio:
             keys["audio"] = self.key("audio", {"video": vh, "fps": plan.fps,
                                                "frames": plan.num_frames})
             if not cache.has(vh, "audio", keys["audio"]):
-                try:
-                    self._run_audio(task, plan, keys["audio"])
-                except Exception as e:  # a broken audio track: keep the video, without audio,
-                    # and remember that (an entry without arrays) so a re-run does not retry
-                    w = self._writer(vh, "audio", keys["audio"], {"video": vh})
-                    w.commit(error=f"{type(e).__name__}: {str(e)[:300]}")
+                audio_job = _Job(self._run_audio, task, plan, keys["audio"])
+        try:
+            # 4. frame extractors on the cropped frames
+            t0 = time.perf_counter()
+            missing = []
+            for name in X.FRAME_ORDER:
+                if name not in self.extractors:
+                    continue
+                inputs = {**base_inputs, "crop": crop_digest}
+                if name == "face":
+                    inputs["pose_points"] = face_pts_digest
+                keys[name] = self.key(name, inputs)
+                if not cache.has(vh, name, keys[name]):
+                    missing.append((name, inputs))
+            if missing:
+                self._run_frames(task, probe, plan, crops, missing, keys, row)
+            self._timed(row, "features", t0)
+        finally:  # never leave the audio thread running (also when the frames failed)
+            audio_error = audio_job.join() if audio_job is not None else None
+        row["timings"]["audio"] = round(audio_job.seconds, 4) if audio_job is not None else 0.0
+        if audio_job is not None:
+            if audio_error is not None:
+                # a broken audio track: keep the video, without audio, and remember that (an
+                # entry without arrays) so a re-run does not retry
+                w = self._writer(vh, "audio", keys["audio"], {"video": vh})
+                w.commit(error=f"{type(audio_error).__name__}: {str(audio_error)[:300]}")
+        if "audio" in keys:
             error = self.cache.open(vh, "audio", keys["audio"]).attrs.get("error")
             if error:
                 row["has_audio"] = False
                 row["notes"].append(f"audio track unreadable, kept without audio: {error}")
                 keys.pop("audio")
-        self._timed(row, "audio", t0)
-
-        # 4. frame extractors on the cropped frames
-        t0 = time.perf_counter()
-        missing = []
-        for name in X.FRAME_ORDER:
-            if name not in self.extractors:
-                continue
-            inputs = {**base_inputs, "crop": crop_digest}
-            if name == "face":
-                inputs["pose_points"] = face_pts_digest
-            keys[name] = self.key(name, inputs)
-            if not cache.has(vh, name, keys[name]):
-                missing.append((name, inputs))
-        if missing:
-            self._run_frames(task, probe, plan, crops, missing, keys, row)
-        self._timed(row, "features", t0)
         row["keys"] = keys
 
     # -- pose pass --------------------------------------------------------------------------
@@ -223,7 +229,7 @@ class VideoProcessor:
             crops, centre_fallback, found_total = [], [], 0
             digest = hashlib.sha256()
             bs = max(1, ext.batch_size)
-            for si, start, length, frames in reader.segments():
+            for si, start, length, frames in reader.segments(prefetch=True):
                 parts = []
                 for b in range(0, length, bs):
                     idx = np.arange(start + b, start + min(b + bs, length))
@@ -244,6 +250,7 @@ class VideoProcessor:
                 for k, v in out.items():
                     writer.arrays[k][start : start + length] = v
                 digest.update(out["body"].tobytes() + out["face"].tobytes())
+            reader.close()  # decord's decoder thread busy-waits while its reader is open
             self.decoded_frames += reader.frames_decoded
             row["timings"]["decode"] = round(row["timings"].get("decode", 0) + reader.seconds, 4)
             crops_arr = np.asarray(crops, np.int32)
@@ -298,8 +305,10 @@ class VideoProcessor:
                 writers[name] = self._writer(vh, name, keys[name], inputs)
                 self._create_arrays(writers[name], specs[name], plan.num_frames,
                                     cfg.decode.segment_frames)
+            appenders = {(name, an): _Appender(writers[name].arrays[an])
+                         for name, _ in missing for an, s in specs[name].items() if not s.per_frame}
             reader = SegmentReader(task.path, probe, plan)
-            for si, start, length, frames in reader.segments():
+            for si, start, length, frames in reader.segments(prefetch=True):
                 x0, y0 = int(crops[si][0]), int(crops[si][1])
                 frames = crop(frames, x0, y0, plan.width, plan.height)
                 extras = {}
@@ -321,9 +330,12 @@ class VideoProcessor:
                         data = np.concatenate([np.asarray(p[an]) for p in parts]).astype(s.dtype)
                         if s.per_frame:
                             w.arrays[an][start : start + length] = data
-                        elif len(data):
-                            w.arrays[an].append(data, axis=0)
+                        else:
+                            appenders[(name, an)].add(data)
                 del frames
+            reader.close()  # decord's decoder thread busy-waits while its reader is open
+            for app in appenders.values():
+                app.flush()
             self.decoded_frames += reader.frames_decoded
             row["timings"]["decode"] = round(row["timings"].get("decode", 0) + reader.seconds, 4)
             for name, _ in missing:
@@ -335,6 +347,59 @@ class VideoProcessor:
             for w in writers.values():
                 w.abort()
             raise
+
+
+class _Job:
+    """``fn(*args)`` in a background thread; :meth:`join` returns its exception (or None)."""
+
+    def __init__(self, fn, *args):
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True,
+                                       name="dwm-audio")
+        self.thread.start()
+
+    def _run(self, fn, *args) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the caller by join()
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+
+    def join(self) -> BaseException | None:
+        self.thread.join()
+        return self.error
+
+
+class _Appender:
+    """Rows for a growable cache array, written a whole chunk at a time (and the rest at the
+    end): zarr's ``append`` rewrites (decompresses and recompresses) the array's last chunk on
+    every call, which for the thumbnails' 1 MiB chunks cost more than encoding them."""
+
+    def __init__(self, array):
+        self.array = array
+        self.rows = max(1, int(array.chunks[0]))
+        self.parts: list[np.ndarray] = []
+        self.pending = 0
+
+    def add(self, data: np.ndarray) -> None:
+        if len(data):
+            self.parts.append(data)
+            self.pending += len(data)
+        if self.pending >= self.rows:
+            self.flush(whole_chunks=True)
+
+    def flush(self, whole_chunks: bool = False) -> None:
+        if not self.parts:
+            return
+        data = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        n = len(data) // self.rows * self.rows if whole_chunks else len(data)
+        if n:
+            self.array.append(data[:n], axis=0)
+        rest = data[n:]
+        self.parts = [rest] if len(rest) else []
+        self.pending = len(rest)
 
 
 def _inside(points: np.ndarray) -> np.ndarray:

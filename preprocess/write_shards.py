@@ -147,10 +147,37 @@ def _segment_sample(cache: FeatureCache, row: dict, si: int, start: int, length:
     return sample
 
 
+class _Entry:
+    """One cache entry's arrays, for the shard writer: each array is opened once per video, and
+    one of at most ``RESIDENT_BYTES`` (audio, thumbnails, clip rows, ...) is read whole once, as
+    every segment slices it (each zarr read is an event-loop round trip plus a chunk
+    decompression; the thumbnails' 1 MiB chunk was decompressed once per segment). Larger arrays
+    (latents, heatmaps of a long video) are still read segment by segment."""
+
+    RESIDENT_BYTES = 32 << 20
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.attrs = group.attrs
+        self._arrays: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays or name in self.group
+
+    def __getitem__(self, name: str) -> Any:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self.group[name]
+            if arr.nbytes <= self.RESIDENT_BYTES:
+                arr = arr[...]
+            self._arrays[name] = arr
+        return arr
+
+
 def _open_groups(cache: FeatureCache, row: dict) -> dict[str, Any]:
     groups: dict[str, Any] = {}
     for name, key in row.get("keys", {}).items():
-        g = cache.open(row["hash"], name, key)
+        g = _Entry(cache.open(row["hash"], name, key))
         groups[name] = g
         if name == "audio":
             groups["_tempo"] = g.attrs.get("tempo")

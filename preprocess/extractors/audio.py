@@ -66,6 +66,48 @@ def _one_hot(times: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
     return v
 
 
+def _memo_key(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return ("ndarray", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, (list, tuple)):
+        return tuple(_memo_key(x) for x in v)
+    return v
+
+
+def _memoize_cqt_filters(max_entries: int = 64) -> None:
+    """Keep librosa's CQT filter banks for the process.
+
+    chroma_cens' CQT rebuilds the same filter bank (7 octaves of wavelets, FFT'd and sparsified)
+    on every call: about 60% of chroma_cens and the largest single cost of this extractor on a
+    short clip. The bank depends only on its arguments (sample rate, frequencies, ...), so the
+    first result per argument set is kept and a copy is handed out (librosa rescales it in
+    place). The numbers are the same; where librosa has no such function it is left alone."""
+    from librosa.core import constantq
+
+    name = "__vqt_filter_fft"  # module-level: called by this plain name inside constantq
+    build = constantq.__dict__.get(name)
+    if build is None or getattr(build, "_dwm_memo", False):
+        return
+    memo: dict[Any, tuple] = {}
+
+    def cached(*args: Any, **kwargs: Any):
+        try:
+            key = (_memo_key(args), tuple(sorted((k, _memo_key(v)) for k, v in kwargs.items())))
+            hash(key)
+        except TypeError:  # an unhashable argument (a callable window is fine): no memo
+            return build(*args, **kwargs)
+        hit = memo.get(key)
+        if hit is None:
+            hit = build(*args, **kwargs)
+            if len(memo) < max_entries:
+                memo[key] = hit
+        basis, n_fft, lengths = hit
+        return basis.copy(), n_fft, np.array(lengths, copy=True)
+
+    cached._dwm_memo = True  # type: ignore[attr-defined]
+    setattr(constantq, name, cached)
+
+
 class AudioExtractor(Extractor):
     name = "audio"
     version = "1"
@@ -101,11 +143,17 @@ class AudioExtractor(Extractor):
         need = int(np.ceil(seconds * sr)) + 2048
         if y.size < need:
             y = np.pad(y, (0, need - y.size))
-        mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=2048, hop_length=hop,
-                                             n_mels=self.cfg.audio.n_mels)
+        # one power STFT for the three mel-based features (librosa would compute it three
+        # times): the same arguments as librosa's own path from ``y``, so the same numbers
+        power = np.abs(librosa.stft(y, n_fft=2048, hop_length=hop, center=True,
+                                    pad_mode="constant")) ** 2
+        mel = librosa.feature.melspectrogram(S=power, sr=sr, n_mels=self.cfg.audio.n_mels)
         log_mel = librosa.power_to_db(mel, ref=1.0, top_db=80.0).T  # (K, n_mels)
-        env = librosa.onset.onset_strength(y=y, sr=sr, hop_length=hop)  # (K,)
-        mfcc = librosa.feature.mfcc(y=y, sr=sr, n_mfcc=20, hop_length=hop).T  # (K, 20)
+        # onset strength and MFCC both start from the 128-band log-mel of librosa's defaults
+        log_mel128 = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=sr))
+        env = librosa.onset.onset_strength(S=log_mel128, sr=sr, hop_length=hop)  # (K,)
+        mfcc = librosa.feature.mfcc(S=log_mel128, sr=sr, n_mfcc=20).T  # (K, 20)
+        _memoize_cqt_filters()
         chroma = librosa.feature.chroma_cens(y=y, sr=sr, hop_length=hop, n_chroma=12).T  # (K, 12)
         peaks = librosa.onset.onset_detect(onset_envelope=env, sr=sr, hop_length=hop, units="time")
         tempo, beats = librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=hop,

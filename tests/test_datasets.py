@@ -440,6 +440,24 @@ def test_background_batches_keep_order_raise_errors_and_stop():
             got.append(b["i"])
     assert got == [0, 1, 2]
 
+    # handed-out batches are released by the thread (bounded: no batch kept for long)
+    import weakref
+
+    class Batch(dict):
+        pass
+
+    refs = []
+
+    def tracked():
+        for i in range(12):
+            b = Batch(i=i)
+            refs.append(weakref.ref(b))
+            yield b
+
+    seen = [b["i"] for b in BackgroundBatches(tracked(), depth=2)]
+    assert seen == list(range(12))
+    assert sum(r() is not None for r in refs[:8]) == 0
+
     endless = BackgroundBatches(({"i": i} for i in iter(int, 1)), depth=2)
     assert next(iter(endless)) == {"i": 0}
     endless.close()

@@ -262,6 +262,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         rank=acc.process_index, world_size=acc.num_processes,
         length_fn=_StepLength(stage, accum, total),
         float_images=acc.device.type == "cpu",  # on a GPU, uint8 crosses the bus (4x fewer bytes)
+        worker_nice=cfg.loader_worker_nice,
     )
 
     step, nonfinite, skipped = 0, 0, 0
@@ -359,6 +360,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
                     break
                 with clock("backward"):
                     acc.backward(loss / accum)
+            del batch  # its memory is then freed by the loader's thread, not in the next data wait
             step_loss += float(loss.detach()) / accum
             for k, v in parts.items():
                 terms[k] = terms.get(k, 0.0) + float(v) / accum

@@ -173,4 +173,5 @@ def stage_loader(cfg: TrainConfig, stage: str, workers: int):
     view = make_view(st.view, manifest.get("stats"), cfg, **st.view_options())
     return TrainLoader(manifest, view, cfg.train_batch_size, split="train", seed=cfg.seed,
                        num_workers=workers, pin_memory=False, prefetch_factor=cfg.prefetch_factor,
-                       epoch_samples=cfg.epoch_samples, shuffle_buffer=cfg.shuffle_buffer)
+                       epoch_samples=cfg.epoch_samples, shuffle_buffer=cfg.shuffle_buffer,
+                       float_images=True, worker_nice=cfg.loader_worker_nice)  # as on a CPU

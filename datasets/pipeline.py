@@ -20,6 +20,7 @@ processes (the worker count itself is part of the data order: keep it when resum
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import itertools
@@ -29,6 +30,7 @@ import os
 import queue
 import random
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -362,6 +364,7 @@ class BackgroundBatches:
     def __init__(self, batches: Iterator[dict[str, Any]], depth: int = 2):
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
         self.handed_out: queue.SimpleQueue = queue.SimpleQueue()
+        _RECEIVERS.add(self)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True,
                                        name="dwm-batch-receiver")
@@ -404,13 +407,26 @@ class BackgroundBatches:
             yield value
             del value
 
-    def close(self) -> None:
-        """Stop receiving; the thread ends (and drops the DataLoader and its workers) after the
-        batch it may be waiting for."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop receiving and wait for the thread to end (after the batch it may be waiting
+        for), dropping the DataLoader and its workers."""
         self.stop.set()
         with contextlib.suppress(queue.Empty):
             while True:
                 self.queue.get_nowait()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+
+_RECEIVERS: weakref.WeakSet[BackgroundBatches] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_receivers() -> None:
+    # a receiver thread still inside torch when the interpreter finalises aborts the process
+    # ("terminate called without an active exception"): end them first
+    for receiver in list(_RECEIVERS):
+        receiver.close(timeout=10.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -464,20 +464,3 @@ def test_background_batches_keep_order_raise_errors_and_stop():
     endless.thread.join(timeout=5)
     assert not endless.thread.is_alive()
 
-
-def test_loader_with_workers_raises_a_corrupt_shard_error(synth, tmp_path):
-    """A worker's ManifestError crosses the worker and the receiver thread unchanged."""
-    import shutil
-
-    d = tmp_path / "copy"
-    shutil.copytree(Path(synth).parent, d)
-    m = load_manifest(str(d / "manifest.json"))
-    victim = next(s for s in m["shards"] if s["split"] == "train")
-    data = bytearray(Path(victim["url"]).read_bytes())
-    data[-1024] ^= 0xFF
-    Path(victim["url"]).write_bytes(bytes(data))
-    loader = _loader(str(d / "manifest.json"), view="B", bs=1, num_workers=2)
-    it = iter(loader)
-    with pytest.raises(ManifestError, match="sha256"):
-        for _ in range(4 * loader.batches_per_epoch):
-            next(it)

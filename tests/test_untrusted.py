@@ -327,11 +327,12 @@ def test_shard_not_matching_the_manifest_sha256_is_refused(synth, tmp_path):
     with pytest.raises(ManifestError, match=rf"{victim['name']}.*sha256.*does not match"):
         _read_all(str(ds / "manifest.json"))
     view = make_view("C", manifest["stats"], None)
-    loader = TrainLoader(str(ds / "manifest.json"), view, 1, seed=0, num_workers=0,
-                         shuffle_buffer=1, epoch_samples=64)
-    with pytest.raises(ManifestError, match="does not match"):
-        for _ in zip(range(64), loader):
-            pass
+    for workers in (0, 2):  # with workers, the error crosses the worker and receiver thread
+        loader = TrainLoader(str(ds / "manifest.json"), view, 1, seed=0, num_workers=workers,
+                             shuffle_buffer=1, epoch_samples=64)
+        with pytest.raises(ManifestError, match="does not match"):
+            for _ in zip(range(64), loader):
+                pass
     val = next(s for s in manifest["shards"] if s["split"] == "val")
     Path(val["url"]).write_bytes(Path(val["url"]).read_bytes() + b"\0" * 512)  # appended data
     with pytest.raises(ManifestError, match="does not match"):

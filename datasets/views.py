@@ -420,7 +420,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def collate_packed(items: list[dict[str, Any]], float_images: bool = False) -> dict[str, Any]:
+def collate_packed(items: list[dict[str, Any]], float_images: bool = False,
+                   pool: Any = None) -> dict[str, Any]:
     """:func:`collate` into ONE contiguous uint8 tensor (``__packed__``) plus its layout.
 
     A DataLoader worker hands each tensor to the main process as its own shared-memory block
@@ -445,7 +446,11 @@ def collate_packed(items: list[dict[str, Any]], float_images: bool = False) -> d
         layout.append((k, dtype.str, shape, total, nbytes))
         fills.append((arrs, convert))
         total += -(-nbytes // 64) * 64  # 64-byte aligned, so every slice can be viewed as any dtype
-    if get_worker_info() is not None:  # in a worker: build it in shared memory (as torch's
+    extra: dict[str, Any] = {}
+    if pool is not None:  # a recycled shared-memory block (see dwm.datasets.pipeline.BlockPool)
+        extra["__block__"], block = pool.take(max(total, 1))
+        buf = block[: max(total, 1)]
+    elif get_worker_info() is not None:  # in a worker: build it in shared memory (as torch's
         # default_collate does), or sending it to the main process copies it once more
         buf = torch.empty(0, dtype=torch.uint8).set_(
             torch.UntypedStorage._new_shared(max(total, 1)), 0, (max(total, 1),))
@@ -459,7 +464,7 @@ def collate_packed(items: list[dict[str, Any]], float_images: bool = False) -> d
                 np.divide(a, np.float32(255.0), out=dst[i], dtype=np.float32)
             else:
                 dst[i] = a
-    return {"__packed__": buf, "__layout__": layout, **rest}
+    return {"__packed__": buf, "__layout__": layout, **extra, **rest}
 
 
 def unpack_batch(packed: dict[str, Any]) -> dict[str, Any]:
@@ -470,7 +475,8 @@ def unpack_batch(packed: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, dstr, shape, off, nbytes in packed["__layout__"]:
         out[k] = buf[off : off + nbytes].view(_TORCH_DTYPE[dstr]).view(shape)
-    out.update({k: v for k, v in packed.items() if k not in ("__packed__", "__layout__")})
+    out.update({k: v for k, v in packed.items() if k not in ("__packed__", "__layout__",
+                                                             "__block__")})
     return out
 
 

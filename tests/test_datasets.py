@@ -464,3 +464,20 @@ def test_background_batches_keep_order_raise_errors_and_stop():
     endless.thread.join(timeout=5)
     assert not endless.thread.is_alive()
 
+
+
+def test_recycled_blocks_are_never_rewritten_while_a_batch_lives(synth):
+    """Workers reuse a batch's shared-memory block only after every tensor viewing it is freed:
+    batches kept by the consumer keep their values while the loader goes on."""
+    loader = _loader(synth, view="C", bs=2, num_workers=2, epoch_samples=8)
+    it = iter(loader)
+    kept, copies = [], []
+    for i in range(12):
+        batch = next(it)
+        if i % 3 == 0:  # keep some, drop the others (their blocks go back to the workers)
+            kept.append(batch)
+            copies.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    it.close()
+    for batch, copy in zip(kept, copies, strict=True):
+        for k, v in copy.items():
+            assert torch.equal(batch[k], v), k

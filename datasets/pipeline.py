@@ -376,7 +376,7 @@ class TrainLoader:
         # checkpoint restores), or a resumed run would see different dropout than a straight one
         gen = torch.Generator().manual_seed(self.position.seed + pos.epoch)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, generator=gen, **kw)
+                          pin_memory=self.pin_memory, generator=gen, collate_fn=_as_is, **kw)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.position.batch >= self.batches_per_epoch:
@@ -396,6 +396,12 @@ class TrainLoader:
         finally:
             if isinstance(batches, BackgroundBatches):
                 batches.close()
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's per-batch conversion: none (batches are built in the dataset; torch's
+    default would walk every nested list and dict of each batch again)."""
+    return batch
 
 
 def _renice(increment: int, worker_id: int) -> None:

@@ -58,15 +58,15 @@ def split_samples(manifest: dict[str, Any], split: str) -> int:
     return sum(int(s["samples"]) for s in manifest["shards"] if split in ("all", s["split"]))
 
 
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(url: str, verified: Any = None) -> Iterator[dict[str, Any]]:
     """Samples of one shard: ``{"__key__", "__url__", "json": bytes, "<name>.npy": memoryview,
     ...}``. Opened through fsspec (local paths, file://, memory://, s3://, ...).
 
     Array members are zero-copy views of the shard (memory-mapped when local), so a sample
     waiting in the shuffle buffer costs no memory and a view that cuts a window out of it reads
     only the window (:func:`dwm.shared.shards.decode_npy`). The shard is checked against the
-    manifest's sha256 before any sample of it is used (see :class:`~dwm.shared.shards.ShardFile`)."""
-    shard = ShardFile(url)
+    manifest's sha256 before any sample of it is used (:class:`~dwm.shared.shards.ShardFile`)."""
+    shard = ShardFile(url, verified)
     files = ({"fname": name, "__url__": url,
               "data": bytes(shard.member(off, size)) if name.endswith(".json")
               else shard.member(off, size)}
@@ -102,6 +102,27 @@ class StreamSpec:
     resampled: bool = False
     shuffle_buffer: int = 64
     shuffle_shards: bool = True
+    verified: Any = None  # VerifiedShards shared by the workers of a run, or None
+
+
+class VerifiedShards:
+    """The shards some process of this run has checked against the manifest's sha256: one byte
+    per shard in shared memory, so that the DataLoader workers hash each shard once between
+    them (a worker that meets a shard for the first time on a later pass does not hash it
+    again). Created before the workers start; they inherit it."""
+
+    def __init__(self, urls: list[str]):
+        self.index = {str(u): i for i, u in enumerate(urls)}
+        self.flags = torch.multiprocessing.get_context().RawArray("B", max(1, len(urls)))
+
+    def __contains__(self, url: object) -> bool:
+        i = self.index.get(str(url))
+        return i is not None and bool(self.flags[i])
+
+    def add(self, url: str) -> None:
+        i = self.index.get(str(url))
+        if i is not None:
+            self.flags[i] = 1
 
 
 def worker_stream(spec: StreamSpec, epoch: int, wid: int, total: int,
@@ -116,15 +137,17 @@ def worker_stream(spec: StreamSpec, epoch: int, wid: int, total: int,
         if spec.resampled:  # open_clip's ResampledShards: draws with replacement, never ends
             rng = _rng(spec.seed, epoch, "resample", wid, pass_)
             shards = (rng.choice(urls) for _ in iter(int, 1))
-            stream = (s for url in shards for s in iter_tar_samples(url))
+            stream = (s for url in shards for s in iter_tar_samples(url, spec.verified))
         else:
             order = list(urls)
             if spec.shuffle_shards:
                 _rng(spec.seed, epoch, "shards", pass_).shuffle(order)
             if len(order) >= total:
-                stream = (s for url in order[wid::total] for s in iter_tar_samples(url))
+                stream = (s for url in order[wid::total]
+                          for s in iter_tar_samples(url, spec.verified))
             else:  # fewer shards than workers: everyone reads all, keeps every total-th sample
-                stream = (s for i, s in enumerate(x for url in order for x in iter_tar_samples(url))
+                stream = (s for i, s in enumerate(x for url in order
+                                                  for x in iter_tar_samples(url, spec.verified))
                           if i % total == wid)
         buf_rng = _rng(spec.seed, epoch, "samples", wid, pass_)
         for s in shuffle_buffer(stream, spec.shuffle_buffer, buf_rng):
@@ -154,7 +177,7 @@ class RunDataset(IterableDataset):
                  length_fn: Callable[[int], int | None] | None = None, max_rejects: int = 10000,
                  float_images: bool = False, block_returns: list | None = None):
         self.max_rejects = int(max_rejects)
-        self.block_returns = block_returns  # per worker: ids of blocks the main process is done with
+        self.block_returns = block_returns  # per worker: ids of blocks the main process freed
         self.spec, self.view, self.batch_size = spec, view, int(batch_size)
         self.batches_per_epoch = int(batches_per_epoch)
         self.start_epoch, self.start_batch = int(start_epoch), int(start_batch)
@@ -304,7 +327,8 @@ class TrainLoader:
         urls = split_urls(manifest, split)
         if not urls:
             raise ManifestError(f"the manifest lists no shards of split {split!r}")
-        self.spec = StreamSpec(urls, seed=seed, resampled=resampled, shuffle_buffer=shuffle_buffer)
+        self.spec = StreamSpec(urls, seed=seed, resampled=resampled, shuffle_buffer=shuffle_buffer,
+                               verified=VerifiedShards(urls) if num_workers > 0 else None)
         self.view, self.batch_size = view, int(batch_size)
         self.num_workers = max(0, int(num_workers))
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()

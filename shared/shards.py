@@ -230,7 +230,9 @@ class ShardFile:
     process and file version. The member table comes from the tar headers alone (``tarfile``
     walks them and seeks over the data); unsafe member names are refused."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, verified: Any = None):
+        """``verified``: shards that another process of this run already checked (``url in
+        verified``; checked ones are ``verified.add(url)``-ed), shared by DataLoader workers."""
         self.url = url
         try:
             self.buffer = _map_or_read(url)
@@ -241,6 +243,8 @@ class ShardFile:
         if stamp in _MEMBER_TABLES:  # opened before by this process: checked and indexed
             self.members = _MEMBER_TABLES[stamp]
             return
+        if verified is not None and url in verified:
+            _VERIFIED.add(stamp)
         if want and stamp not in _VERIFIED:  # hash a shard once per process, not on every pass
             digest = hashlib.sha256(self.buffer).hexdigest()
             if digest != want:
@@ -248,6 +252,8 @@ class ShardFile:
                     f"{url}: sha256 {digest[:12]}... does not match the manifest ({want[:12]}...); "
                     f"the shard is corrupt or was replaced: refusing to read it")
             _VERIFIED.add(stamp)
+            if verified is not None:
+                verified.add(url)
         self.members: list[tuple[str, int, int]] = []  # (name, data offset, size), tar order
         try:
             with tarfile.open(fileobj=_BufferReader(self.buffer), mode="r:") as tar:

@@ -399,30 +399,33 @@ def test_packed_batch_equals_collate(synth, float_images):
         collate_packed([items[0], view.make_item(raws[0], np.random.default_rng(0), 4)])
 
 
-def test_workers_hash_each_shard_once_per_run(synth, monkeypatch):
-    """One DataLoader serves every epoch: a worker checks a shard's sha256 the first time it
-    opens it, not again on the next pass or epoch."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_are_hashed_once_per_run(synth, monkeypatch, tmp_path, workers):
+    """One DataLoader serves every epoch, and its workers share which shards are checked: each
+    shard's sha256 is computed once per run, not per pass, epoch or worker."""
     import hashlib
 
     from dwm.shared import shards
 
-    calls = []
+    log = tmp_path / "hashed.txt"  # appended to by whichever process hashes (workers fork)
     real = hashlib.sha256
 
     def counting(data=b""):
-        calls.append(len(data))
+        with open(log, "a") as fh:
+            fh.write(f"{len(data)}\n")
         return real(data)
 
     monkeypatch.setattr(shards.hashlib, "sha256", counting)
     monkeypatch.setattr(shards, "_VERIFIED", set())
     monkeypatch.setattr(shards, "_MEMBER_TABLES", {})
-    loader = _loader(synth, view="B", bs=1, num_workers=0, epoch_samples=5)
+    loader = _loader(synth, view="B", bs=1, num_workers=workers, epoch_samples=6)
     it = iter(loader)
-    for _ in range(3 * loader.batches_per_epoch):  # three epochs
+    for _ in range(4 * loader.batches_per_epoch):  # four epochs
         next(it)
-    assert loader.position.epoch == 2
+    it.close()
+    assert loader.position.epoch == 3
     n_train = sum(1 for s in load_manifest(synth)["shards"] if s["split"] == "train")
-    assert len(calls) == n_train
+    assert len(log.read_text().split()) == n_train
 
 
 def test_background_batches_keep_order_raise_errors_and_stop():

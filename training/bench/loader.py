@@ -285,9 +285,10 @@ def section_loader(bench: Bench, sec: Section) -> None:
         "(synthesised, not preprocessed: TAESD at 512x896 costs ~2 s a frame here). Shards "
         "are memory-mapped and array members decoded as views, so an item reads the tar "
         "headers and only the frames of its window (the raw read, `cat`, reads every byte). "
-        "The loader is timed in its steady state: after the untimed first batch, by which "
-        "each worker has opened (and sha256-checked, once per run) its shards; batches leave "
-        "the workers as uint8 images, as for a GPU step.")
+        "The loader is timed after an untimed first batch; each shard's sha256 is checked "
+        "once per run, by whichever worker opens it first, and any of that falling in the "
+        "timed batches is counted. Batches leave the workers as uint8 images, as for a GPU "
+        "step.")
     if bench.cfg.profile and figC.met is False:
         # in-process (workers=0) so that cProfile sees the work
         sec.profiles[figC.name] = profile_top(

@@ -167,8 +167,9 @@ def worker_stream(spec: StreamSpec, epoch: int, wid: int, total: int,
 class RunDataset(IterableDataset):
     """Yields this rank's batches from (``start_epoch``, ``start_batch``) on, epoch after epoch.
 
-    One DataLoader serves the whole run: workers are started once (not at every epoch), so each
-    worker checks a shard's sha256 once per run, and the epoch boundary costs no restart. Each
+    One DataLoader serves the whole run: workers are started once (not at every epoch), so a
+    shard's sha256 is checked once per run (:class:`VerifiedShards`), and the epoch boundary
+    costs no restart. Each
     worker plays one logical worker for the whole run; since every epoch has a multiple of the
     worker count of batches, the round-robin order carries across epochs unchanged."""
 

@@ -26,7 +26,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import queue
 import random
 import threading
@@ -318,9 +317,8 @@ class TrainLoader:
                  pin_memory: bool = False, prefetch_factor: int = 2, resampled: bool = False,
                  epoch_samples: int = 0, shuffle_buffer: int = 64, rank: int = 0,
                  world_size: int = 1, length_fn: Callable[[int], int | None] | None = None,
-                 float_images: bool = False, worker_nice: int = 0):
-        """``worker_nice``: raise the workers' nice value by this much (0: leave it).
-        ``float_images``: the workers turn the uint8 image-like tensors into float32 in
+                 float_images: bool = False):
+        """``float_images``: the workers turn the uint8 image-like tensors into float32 in
         [0, 1] (right when the step runs on the CPU, where the main process would otherwise do
         it inside the step's data time; on a GPU keep uint8: 4x less to copy to the device)."""
         if isinstance(manifest, str):
@@ -337,7 +335,6 @@ class TrainLoader:
         self.rank, self.world_size = rank, world_size
         self.length_fn = length_fn
         self.float_images = bool(float_images)
-        self.worker_nice = int(worker_nice)
         self.split_size = split_samples(manifest, split)
         samples = int(epoch_samples) or self.split_size
         per_rank = max(1, samples // (self.batch_size * world_size))
@@ -395,8 +392,6 @@ class TrainLoader:
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw["prefetch_factor"] = self.prefetch_factor
-            if self.worker_nice:
-                kw["worker_init_fn"] = functools.partial(_renice, self.worker_nice)
         # own generator: creating the iterator must not draw from the global torch RNG (which the
         # checkpoint restores), or a resumed run would see different dropout than a straight one
         gen = torch.Generator().manual_seed(self.position.seed + pos.epoch)
@@ -427,14 +422,6 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     """The DataLoader's per-batch conversion: none (batches are built in the dataset; torch's
     default would walk every nested list and dict of each batch again)."""
     return batch
-
-
-def _renice(increment: int, worker_id: int) -> None:
-    """DataLoader worker_init_fn: a lower CPU priority for the worker, so that where cores are
-    few the training step is not descheduled for data work that has spare time anyway (a
-    worker that the step waits for has the CPU to itself then, so throughput is kept)."""
-    with contextlib.suppress(OSError):
-        os.nice(increment)
 
 
 class BackgroundBatches:

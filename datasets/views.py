@@ -407,17 +407,9 @@ def _n_mels_from_stats(stats: dict[str, Any] | None) -> int:
 # collation and device transfer
 # ---------------------------------------------------------------------------------------------
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack arrays into tensors; keep ``meta``/``thumbs`` (and anything else) as lists."""
-    if not items:
-        raise ValueError("collate: no items")
-    batch: dict[str, Any] = {}
-    for k in items[0]:
-        vals = [it[k] for it in items]
-        if k not in _NON_TENSOR and all(isinstance(v, (np.ndarray, np.generic)) for v in vals):
-            batch[k] = torch.from_numpy(np.stack([np.asarray(v) for v in vals]))
-        else:
-            batch[k] = vals
-    return batch
+    """Stack arrays into tensors; keep ``meta``/``thumbs`` (and anything else) as lists. The
+    tensors are views of one buffer (:func:`collate_packed`, as the training loader sends)."""
+    return unpack_batch(collate_packed(items))
 
 
 def collate_packed(items: list[dict[str, Any]], float_images: bool = False,

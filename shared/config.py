@@ -205,7 +205,6 @@ class TrainConfig:
     resampled: bool = False
     epoch_samples: int = 0  # fixed epoch length in samples (0 = one pass over the shards)
     shuffle_buffer: int = 64
-    loader_worker_nice: int = 10  # loader workers yield the CPU to the step where cores are few
     # -- speed and memory
     gradient_checkpointing: bool = False
     use_xformers: bool = False  # attention only on flash / memory-efficient kernels (engine.attention_kernels)

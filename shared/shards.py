@@ -246,27 +246,11 @@ class ShardFile:
         if verified is not None and url in verified:
             _VERIFIED.add(stamp)
         if want and stamp not in _VERIFIED:  # hash a shard once per process, not on every pass
-            digest = hashlib.sha256(self.buffer).hexdigest()
-            if digest != want:
-                raise ManifestError(
-                    f"{url}: sha256 {digest[:12]}... does not match the manifest ({want[:12]}...); "
-                    f"the shard is corrupt or was replaced: refusing to read it")
+            check_sha256(url, self.buffer, want)
             _VERIFIED.add(stamp)
             if verified is not None:
                 verified.add(url)
-        self.members: list[tuple[str, int, int]] = []  # (name, data offset, size), tar order
-        try:
-            with tarfile.open(fileobj=_BufferReader(self.buffer), mode="r:") as tar:
-                for info in tar:
-                    check_member_name(info.name, url)
-                    if info.isfile():
-                        self.members.append((info.name, info.offset_data, info.size))
-        except tarfile.TarError as e:
-            raise ManifestError(f"{url}: not a readable tar ({e})") from None
-        end = max((o + n for _, o, n in self.members), default=0)
-        if end > len(self.buffer):
-            raise ManifestError(f"{url}: truncated tar (a member ends at byte {end} of "
-                                f"{len(self.buffer)})")
+        self.members = member_table(url, self.buffer)
         if len(_MEMBER_TABLES) >= 1024:  # a bounded memo: drop the oldest
             _MEMBER_TABLES.pop(next(iter(_MEMBER_TABLES)))
         _MEMBER_TABLES[stamp] = self.members
@@ -274,6 +258,34 @@ class ShardFile:
     def member(self, offset: int, size: int) -> memoryview:
         """A member's bytes, without a copy."""
         return memoryview(self.buffer)[offset : offset + size]
+
+
+def check_sha256(url: str, data: Any, want: str) -> None:
+    """Raise :class:`ManifestError` naming ``url`` when ``data`` does not hash to ``want``."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != want:
+        raise ManifestError(
+            f"{url}: sha256 {digest[:12]}... does not match the manifest ({want[:12]}...); "
+            f"the shard is corrupt or was replaced: refusing to read it")
+
+
+def member_table(url: str, buffer: Any) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of a tar's regular files, in order, from its headers alone
+    (``tarfile`` seeks over the data); unsafe names and truncated tars raise ManifestError."""
+    members = []
+    try:
+        with tarfile.open(fileobj=_BufferReader(buffer), mode="r:") as tar:
+            for info in tar:
+                check_member_name(info.name, url)
+                if info.isfile():
+                    members.append((info.name, info.offset_data, info.size))
+    except tarfile.TarError as e:
+        raise ManifestError(f"{url}: not a readable tar ({e})") from None
+    end = max((o + n for _, o, n in members), default=0)
+    if end > len(buffer):
+        raise ManifestError(f"{url}: truncated tar (a member ends at byte {end} of "
+                            f"{len(buffer)})")
+    return members
 
 
 def _map_or_read(url: str) -> Any:
@@ -333,17 +345,10 @@ def _mtime(url: str) -> Any:
 
 def verify_shards(manifest: dict[str, Any]) -> None:
     """Check every shard's sha256 and member names; raise :class:`ManifestError` naming the shard."""
-    for s in manifest["shards"]:
+    for s in manifest["shards"]:  # always hashed: an explicit check, not a reader's memo
         data = storage.read_bytes(s["url"])
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != s["sha256"]:
-            raise ManifestError(
-                f"{s['url']}: sha256 {digest[:12]}... does not match the manifest "
-                f"({s['sha256'][:12]}...); the shard is corrupt or was replaced"
-            )
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for m in tar.getmembers():
-                check_member_name(m.name, s["url"])
+        check_sha256(s["url"], data, s["sha256"])
+        member_table(s["url"], data)
 
 
 def check_member_name(name: str, where: str = "") -> None:

@@ -384,7 +384,10 @@ def test_packed_batch_equals_collate(synth, float_images):
     items = [view.make_item(r, np.random.default_rng(i)) for i, r in enumerate(raws[:3])]
     packed = collate_packed(items, float_images)
     assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["__packed__"]
-    got, want = unpack_batch(packed), collate(items)
+    got = unpack_batch(packed)
+    want = {k: torch.from_numpy(np.stack([it[k] for it in items]))  # an independent reference
+            if isinstance(items[0][k], (np.ndarray, np.generic)) and k != "meta"
+            else [it[k] for it in items] for k in items[0]}
     assert set(got) == set(want)
     for k, v in want.items():
         if not isinstance(v, torch.Tensor):

@@ -21,8 +21,10 @@ SIZE = dict(stage="C", width=64, height=128, T=3, dtype="bf16", model_size="tiny
             overrides=["condition_dropout=0"])
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread():
+    # module-scoped so that it also holds while the module-scoped ``estimates`` runs: with
+    # several threads, CPU kernels allocate per-thread workspaces the estimator cannot count
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -262,7 +262,6 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         rank=acc.process_index, world_size=acc.num_processes,
         length_fn=_StepLength(stage, accum, total),
         float_images=acc.device.type == "cpu",  # on a GPU, uint8 crosses the bus (4x fewer bytes)
-        worker_nice=cfg.loader_worker_nice,
     )
 
     step, nonfinite, skipped = 0, 0, 0

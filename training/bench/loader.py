@@ -147,8 +147,7 @@ def make_loader(shards: ShardSet, view_name: str, workers: int, batch_size: int 
     view = make_view(view_name, manifest.get("stats"), d, **{**opts, **view_kw})
     return TrainLoader(manifest, view, batch_size, split="train", seed=d.seed, num_workers=workers,
                        pin_memory=d.pin_memory, prefetch_factor=d.prefetch_factor,
-                       shuffle_buffer=d.shuffle_buffer, epoch_samples=10**6,
-                       worker_nice=d.loader_worker_nice)
+                       shuffle_buffer=d.shuffle_buffer, epoch_samples=10**6)
 
 
 def loader_seconds(loader, batches: int) -> tuple[float, int]:

@@ -174,4 +174,4 @@ def stage_loader(cfg: TrainConfig, stage: str, workers: int):
     return TrainLoader(manifest, view, cfg.train_batch_size, split="train", seed=cfg.seed,
                        num_workers=workers, pin_memory=False, prefetch_factor=cfg.prefetch_factor,
                        epoch_samples=cfg.epoch_samples, shuffle_buffer=cfg.shuffle_buffer,
-                       float_images=True, worker_nice=cfg.loader_worker_nice)  # as on a CPU
+                       float_images=True)  # as the engine builds it on a CPU

@@ -51,19 +51,38 @@ class ProbeInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def _ffprobe(path: str) -> dict:
+def _start_ffprobe(path: str) -> subprocess.Popen:
     exe = shutil.which("ffprobe")
     if exe is None:
         raise RuntimeError("ffprobe not found on PATH (Debian/Ubuntu: apt-get install ffmpeg)")
     cmd = [exe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", path]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_ffprobe(proc: subprocess.Popen, path: str, timeout: float = 60) -> dict:
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         raise NotAVideo(f"{path}: ffprobe timed out (corrupt file?)", "failed") from None
-    if res.returncode != 0:
-        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unreadable"
+    if proc.returncode != 0:
+        msg = err.strip().splitlines()[-1] if err.strip() else "unreadable"
         raise NotAVideo(f"{path}: not a readable media file ({msg})")
-    return json.loads(res.stdout or "{}")
+    return json.loads(out or "{}")
+
+
+def _decord_open(path: str) -> tuple[int, float]:
+    """(frames, fps) as decord counts them, after decoding the first frame: decord is what
+    decodes the video later, so it must be able to."""
+    import decord
+
+    vr = decord.VideoReader(path, num_threads=1)
+    n = len(vr)
+    fps = float(vr.get_avg_fps() or 0)
+    if n > 0:
+        vr[0]
+    return n, fps
 
 
 def _rate(s: str | None) -> float:
@@ -102,7 +121,18 @@ def probe_file(path: str) -> ProbeInfo:
         raise NotAVideo(f"{path}: not a regular file")
     if os.path.getsize(path) == 0:
         raise NotAVideo(f"{path}: empty file (0 bytes)", "failed")
-    info = _ffprobe(path)
+    # ffprobe (a subprocess, most of it process start-up) and decord's open run side by side;
+    # ffprobe's verdict is read first, so the reasons are those of ffprobe then decord
+    proc = _start_ffprobe(path)
+    try:
+        opened: tuple[int, float] | Exception = _decord_open(path)
+    except Exception as e:  # decord raises its own DECORDError / RuntimeError
+        opened = e
+    except BaseException:  # interrupted: leave no ffprobe behind
+        proc.kill()
+        proc.communicate()
+        raise
+    info = _finish_ffprobe(proc, path)
     streams = info.get("streams") or []
     videos = [s for s in streams if _is_real_video(s)]
     audios = [s for s in streams if s.get("codec_type") == "audio"]
@@ -120,21 +150,13 @@ def probe_file(path: str) -> ProbeInfo:
     if rotation in (90, 270):
         w, h = h, w
 
-    # decord must open it: that is what decodes it later.
-    import decord
-
-    try:
-        vr = decord.VideoReader(path, num_threads=1)
-        n = len(vr)
-        fps = float(vr.get_avg_fps() or 0) or _rate(vs.get("avg_frame_rate")) or _rate(
-            vs.get("r_frame_rate"))
-        if n > 0:
-            vr[0]
-        del vr
-    except Exception as e:  # decord raises its own DECORDError / RuntimeError
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if isinstance(opened, Exception):
+        text = str(opened).strip()
+        msg = text.splitlines()[0][:200] if text else type(opened).__name__
         raise NotAVideo(f"{path}: video stream cannot be decoded (truncated or corrupt: {msg})",
-                        "failed") from None
+                        "failed")
+    n, fps = opened
+    fps = fps or _rate(vs.get("avg_frame_rate")) or _rate(vs.get("r_frame_rate"))
     if n <= 1:
         raise NotAVideo(f"{path}: video stream has {n} frame(s)")
     if not fps or fps <= 0 or fps > 1000:

@@ -31,7 +31,8 @@ class ThumbExtractor(Extractor):
         blobs = []
         for frame in batch.frames:
             small = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
-            ok, enc = cv2.imencode(".jpg", small[:, :, ::-1],
+            # cvtColor, not a reversed view: imencode would copy the view first (2x slower)
+            ok, enc = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
                                    [cv2.IMWRITE_JPEG_QUALITY, int(self.cfg.thumbs.quality)])
             if not ok:
                 raise RuntimeError("JPEG encoding failed")

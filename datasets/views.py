@@ -479,15 +479,32 @@ _TORCH_DTYPE = {np.dtype(d).str: torch.from_numpy(np.zeros(1, d)).dtype
 
 def batch_to_device(batch: dict[str, Any], device: torch.device | str,
                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Move tensors to ``device``; uint8 image-like tensors become float in [0, 1] there."""
+    """Move tensors to ``device``; uint8 image-like tensors become float in [0, 1] there.
+
+    A tensor already on ``device`` is passed through without a call into torch: every ``.to``
+    releases the GIL, and in the training loop each release lets the loader's receiver thread
+    (woken by this very batch leaving its queue) take the interpreter for up to a switch
+    interval (5 ms), which landed in the step's data wait (tiny stage A on 2 cores, 40 steps:
+    1.66 ms of a 69 ms step before, 0.05 ms after)."""
+    device = torch.device(device)
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
+            if not _on(v, device):
+                v = v.to(device, non_blocking=True)
             if k in UINT8_TO_FLOAT and v.dtype == torch.uint8:
                 v = v.to(dtype) / 255.0
         out[k] = v
     return out
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """``t`` lives on ``device`` (an index-less ``cuda`` means the current CUDA device)."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None:
+        return device.type == "cpu" or t.device.index == torch.cuda.current_device()
+    return t.device.index == device.index
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:

@@ -182,6 +182,34 @@ def test_view_a_shapes_normalisation_and_no_audio_excluded(synth):
     assert float(batch["heatmap"].max()) > 0.9 and batch["face_crop"].dtype == torch.float32
 
 
+def test_batch_to_device_passes_through_what_is_already_there(monkeypatch):
+    """Tensors already on the device are not touched (each ``.to`` releases the GIL, and in the
+    training loop the loader's receiver thread then holds up the step's data wait); uint8 images
+    still become floats in [0, 1], and other dtypes and non-tensors are kept."""
+    batch = {"latents": torch.randn(2, 4, 8, 8),
+             "face_crop": torch.full((2, 3, 4, 4), 255, dtype=torch.uint8),
+             "frame_idx": torch.arange(2), "meta": [{"k": 1}, {"k": 2}]}
+    calls = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *a, **kw):
+        calls.append((tuple(self.shape), a, kw))
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    for device in ("cpu", torch.device("cpu")):
+        calls.clear()
+        out = batch_to_device(batch, device)
+        assert out["latents"] is batch["latents"] and out["frame_idx"] is batch["frame_idx"]
+        assert out["meta"] is batch["meta"]
+        assert out["face_crop"].dtype == torch.float32 and float(out["face_crop"].max()) == 1.0
+        assert [c[0] for c in calls] == [(2, 3, 4, 4)]  # only the uint8 -> float conversion
+    # a tensor elsewhere is moved (the meta device stands in for a GPU here)
+    calls.clear()
+    out = batch_to_device({"latents": torch.randn(2, 3)}, "meta")
+    assert out["latents"].device.type == "meta" and len(calls) == 1
+
+
 def test_view_a_pads_short_segments(synth):
     m = load_manifest(synth)
     view = ViewA(m["stats"], audio_window=40)  # longer than the 24-frame segments

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -254,3 +256,26 @@ def test_decode_keeps_aspect_and_resamples():
     idx = source_indices(0, 5, 30.0, 24.0, 300)
     assert idx.tolist() == [0, 1, 2, 3, 5]  # skips one frame in five
     assert source_indices(0, 4, 12.0, 24.0, 100).tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_audio_job_runs_at_lower_priority_and_so_does_its_ffmpeg():
+    """The audio thread yields the CPU to the decoder (the critical path); the ffmpeg it starts
+    inherits the lower priority, while the calling thread keeps its own."""
+    from dwm.preprocess.pipeline import AUDIO_THREAD_NICE, _Job
+
+    base = os.nice(0)
+    seen: dict[str, int] = {}
+
+    def work() -> None:
+        seen["thread"] = os.nice(0)
+        out = subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"],
+                             capture_output=True, text=True, check=True).stdout
+        seen["child"] = int(out)
+
+    job = _Job(work, nice=AUDIO_THREAD_NICE)
+    assert job.join() is None
+    want = min(19, base + AUDIO_THREAD_NICE)
+    assert AUDIO_THREAD_NICE > 0 and want > base
+    assert seen == {"thread": want, "child": want}
+    assert os.nice(0) == base  # the caller's thread is untouched

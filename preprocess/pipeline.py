@@ -163,7 +163,8 @@ class VideoProcessor:
         # subprocess and librosa's FFTs release the GIL), joined before the video is done. It
         # runs at a lower CPU priority: it has slack (it ends long before the frames do) and
         # the decoder is the critical path, so the audio fills the decoder's idle moments
-        # instead of taking its core (paired runs of the bench's 2-core figure: 0.79 -> 0.84)
+        # instead of taking its core (the bench's 2-core figure, paired runs: 0.79 -> 0.84 on one
+        # machine; 0.825 -> 0.852 on another, faster in 11 of 15 pairs)
         audio_job = None
         if "audio" in self.extractors and probe.has_audio:
             keys["audio"] = self.key("audio", {"video": vh, "fps": plan.fps,

@@ -11,6 +11,8 @@ ROOTS = {
     "preprocess": "dwm.preprocess",
     "datasets": "dwm.datasets",
     "training": "dwm.training",
+    "generate": "dwm.generate",
+    "bench": "dwm.bench",
 }
 
 packages, package_dir = [], {}

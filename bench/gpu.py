@@ -17,7 +17,7 @@ G3 preprocessing models: VAE-encode frames/s and DWpose frames/s (onnxruntime's 
 G4 the loader: stage-C samples/s against what the train step consumes.
 
 The train steps run through the real engine (``dwm.training.engine.run_stage``) on synthetic
-shards of the contract's shapes (``dwm.training.bench.loader.synth_shards``). Without the SVD
+shards of the contract's shapes (``dwm.bench.loader.synth_shards``). Without the SVD
 weights (``dwm models``) the UNet is SVD's architecture with random weights, saved once under
 ``--out``: speed and memory do not depend on the weights' values. Without the DWpose files the
 tiny stand-in ONNX files are used and the figure says so (their speed means nothing).
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from dwm.shared.config import ModelsConfig, TrainConfig, build_preprocess_config, build_train_config
-from dwm.training.bench.report import Figure, Goal, Reference, Report, Section, median
+from dwm.bench.report import Figure, Goal, Reference, Report, Section, median
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
 PEAK_BF16_TFLOPS = {
@@ -79,7 +79,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the GPU's dense bf16 peak, when it is not in the built-in table")
     p.add_argument("--estimate-memory", action="store_true",
                    help="no GPU needed: estimated peak memory of stage-C/B steps at 512x896 on "
-                        "fake tensors (dwm.training.bench.memory), as a Markdown table")
+                        "fake tensors (dwm.bench.memory), as a Markdown table")
     return p.parse_args(argv)
 
 
@@ -149,7 +149,7 @@ class GpuBench:
 
     # -- inputs -------------------------------------------------------------------------------
     def shards(self):
-        from dwm.training.bench.loader import synth_shards
+        from dwm.bench.loader import synth_shards
 
         if not hasattr(self, "_shards"):
             s = self.sz
@@ -205,7 +205,7 @@ class GpuBench:
 
     # -- G1 / G2: train steps -----------------------------------------------------------------
     def timed_stage(self, stage: str, batch: int, ckpt: bool) -> dict[str, float]:
-        from dwm.training.bench.trainstep import run_config, step_means
+        from dwm.bench.trainstep import run_config, step_means
 
         out = self.out / "train" / f"{stage}-ckpt{int(ckpt)}"
         cfg = self.train_cfg(stage, batch, ckpt, out, self.sz.warm + self.sz.steps)
@@ -218,7 +218,7 @@ class GpuBench:
     def count_flops(self, stage: str, batch: int) -> float:
         from torch.utils.flop_counter import FlopCounterMode
 
-        from dwm.training.bench.trainstep import run_config
+        from dwm.bench.trainstep import run_config
 
         cfg = self.train_cfg(stage, batch, False, self.out / "train" / f"{stage}-flops", 1)
         with FlopCounterMode(display=False) as fc:
@@ -291,7 +291,7 @@ class GpuBench:
     # -- G3: preprocessing models ---------------------------------------------------------------
     def frames(self, n: int, width: int, height: int) -> np.ndarray:
         """``n`` RGB frames: the sample video's, else the generated dancer."""
-        from dwm.training.bench.common import samples_dir
+        from dwm.bench.common import samples_dir
 
         video = samples_dir() / "dance_music.mp4"
         if video.is_file():
@@ -306,7 +306,7 @@ class GpuBench:
 
     def section_models(self, sec: Section) -> None:
         from dwm.shared import registry
-        from dwm.training.bench.common import samples_dir
+        from dwm.bench.common import samples_dir
 
         s = self.sz
         frames = self.frames(s.vae_frames, s.width, s.height)
@@ -383,7 +383,7 @@ class GpuBench:
 
     # -- G4: loader vs consumption --------------------------------------------------------------
     def section_loader(self, sec: Section) -> None:
-        from dwm.training.bench.loader import loader_seconds, make_loader
+        from dwm.bench.loader import loader_seconds, make_loader
 
         s = self.sz
         if not self.step_c:
@@ -416,7 +416,7 @@ def run_section(sec: Section, fn) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.estimate_memory:
-        from dwm.training.bench.memory import memory_table
+        from dwm.bench.memory import memory_table
 
         print(memory_table(width=FULL.width, height=FULL.height, batch=args.batch_c))
         return 0

@@ -43,15 +43,15 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train stage A, B, C, or all three in order", C.TrainConfig,
                      C.build_train_config, "dwm.training.train:main"),
     "generate": Command("song + photo -> dance mp4", C.GenerateConfig, _plain(C.GenerateConfig),
-                        "dwm.training.generate:main"),
+                        "dwm.generate.pipeline:main"),
     "eval": Command("metrics of a checkpoint on held-out shards", C.EvalConfig,
-                    _plain(C.EvalConfig), "dwm.training.evaluate:main"),
+                    _plain(C.EvalConfig), "dwm.generate.evaluate:main"),
     "bench": Command("measured speed of the data path and train step", C.BenchConfig,
-                     _plain(C.BenchConfig), "dwm.training.bench:main"),
+                     _plain(C.BenchConfig), "dwm.bench:main"),
     "models": Command("download the full weights into models_dir", C.ModelsConfig,
                       _plain(C.ModelsConfig), "dwm.shared.registry:download_main"),
     "demo": Command("the whole chain on a small generated default", C.DemoConfig,
-                    _plain(C.DemoConfig), "dwm.training.demo:main"),
+                    _plain(C.DemoConfig), "dwm.generate.demo:main"),
 }
 
 

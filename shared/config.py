@@ -275,7 +275,7 @@ class BenchConfig:
     video: str = ""  # default: ../shared/samples/dance_music.mp4
     repeats: int = 3
     threads: int = 2
-    # -- added by the bench (dwm.training.bench)
+    # -- added by the bench (dwm.bench)
     taesd: str = ""  # TAESD folder for the latents extractor; default ../shared/samples/weights/taesd
     seconds: float = 2.0  # seconds of the video for runs with model extractors (0 = all of it)
     pose_backend: Literal["dwpose", "mediapipe"] = "mediapipe"  # pose extractor of section 2

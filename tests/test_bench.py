@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dwm.training.bench.report import (FIGURE_KEYS, Figure, Goal, Reference, Report,
+from dwm.bench.report import (FIGURE_KEYS, Figure, Goal, Reference, Report,
                                        check_report)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dwm.shared import config as C
-from dwm.training import evaluate as E
+from dwm.generate import evaluate as E
 from test_generate import build_tiny_final
 
 

@@ -13,7 +13,7 @@ import torch
 
 from dwm.shared import cli, media
 from dwm.shared import config as C
-from dwm.training import generate as G
+from dwm.generate import pipeline as G
 
 FPS = 24.0
 SECONDS = 1.0

@@ -1,4 +1,4 @@
-"""The train-step memory estimator (dwm.training.bench.memory) against a real run.
+"""The train-step memory estimator (dwm.bench.memory) against a real run.
 
 The estimator runs the real stage-C step on fake tensors; here the same step (tiny models of the
 same classes, bf16 autocast with CUDA's op lists, gradient checkpointing) also runs on real CPU
@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from dwm.training.bench import memory
+from dwm.bench import memory
 
 SIZE = dict(stage="C", width=64, height=128, T=3, dtype="bf16", model_size="tiny",
             block=1,  # the CPU allocator does not round to CUDA's 512-byte blocks

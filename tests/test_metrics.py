@@ -346,7 +346,7 @@ def test_real_dance_beats_align_better_than_chance(sample_pose_and_beats):
     assert M.pck(poses[..., :2], poses[..., :2], poses[..., 2])["pck@0.1"] == 1.0
 
 
-# ---- plots (training/plots.py) ---------------------------------------------------------------
+# ---- plots (generate/plots.py) ---------------------------------------------------------------
 def _is_png(path) -> bool:
     data = open(path, "rb").read()
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
@@ -355,7 +355,7 @@ def _is_png(path) -> bool:
 def test_loss_curves_from_tensorboard_logs(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from dwm.training import plots
+    from dwm.generate import plots
 
     for stage, scale in (("A", 1.0), ("C", 3.0)):
         with SummaryWriter(tmp_path / f"stage_{stage}" / "logs") as w:
@@ -375,7 +375,7 @@ def test_loss_curves_from_tensorboard_logs(tmp_path):
 
 
 def test_bas_histogram_and_per_joint_pck_pngs(tmp_path):
-    from dwm.training import plots
+    from dwm.generate import plots
 
     rng = np.random.default_rng(0)
     out = plots.plot_bas_histogram(np.r_[rng.uniform(0.1, 0.6, 40), np.nan], tmp_path / "bas.png",

@@ -358,7 +358,7 @@ def test_gradient_checkpointing_covers_temporal_blocks_and_keeps_the_gradients(t
     """The memory levers change memory, not maths: with every block checkpointed (the temporal
     ones included) and attention held to the memory-efficient kernels, a stage-C step gives the
     same loss and gradients as without."""
-    from dwm.training.bench.memory import make_batch
+    from dwm.bench.memory import make_batch
     from dwm.training.engine import attention_kernels
     from dwm.training.models.animator import build_dance_model
 

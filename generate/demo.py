@@ -41,7 +41,8 @@ def _song_of(videos: list[Path]) -> Path:
 def main(cfg: C.DemoConfig) -> int:
     from dwm.preprocess import run as preprocess_run
     from dwm.shared.synthetic import make_demo_corpus
-    from dwm.training import evaluate, generate, train
+    from dwm.generate import evaluate, pipeline as generate
+    from dwm.training import train
 
     out = Path(cfg.out).resolve()
     models_dir = str(out / "models")

@@ -51,8 +51,8 @@ from dwm.shared import config as C
 from dwm.shared import contract
 from dwm.shared.cli import UserFacingError
 
-from . import generate as G
-from . import metrics
+from dwm.generate import pipeline as G
+from dwm.training import metrics
 
 MIN_CONF = 0.3  # joints below this pose score count as missing (as in stage A's validation)
 STAGE_A_FEATURES = ("audio_mel", "audio_baseline", "pose_body", "face_present", "face_crop",
@@ -406,7 +406,7 @@ def output_dir_of(ckpt: Path) -> Path | None:
 
 
 def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]:
-    from . import plots
+    from dwm.generate import plots
 
     made: dict[str, str] = {}
     logs = output_dir_of(ckpt)

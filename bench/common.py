@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 from dwm.shared.config import BenchConfig, PreprocessConfig, build_preprocess_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -63,13 +63,14 @@ import torch
 from torch.utils.data import get_worker_info
 
 from dwm.shared import contract
+from dwm.shared.errors import UserFacingError
 from dwm.shared.shards import ManifestError, check_member_name, decode_npy
 
 UINT8_TO_FLOAT = ("heatmap", "face_mask", "face_crop", "ref_face_crop")
 _NON_TENSOR = ("meta", "thumbs")
 
 
-class SampleError(ValueError):
+class SampleError(UserFacingError, ValueError):
     """A sample that cannot be used (missing member, wrong shape); names the shard and key."""
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from dwm.shared import config as C
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 # quick=true (tests): a few optimiser steps per stage, enough to run every code path once.

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from dwm.shared import config as C
 from dwm.shared import contract
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 
 from dwm.generate import pipeline as G
 from dwm.training import metrics

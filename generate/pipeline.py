@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from dwm.shared import config as C
 from dwm.shared import contract, media
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 
 # What the training engine writes into every final/ folder (stage, steps, the TrainConfig, ...).
 TRAINING_INFO = "training_info.json"

@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dwm.shared import storage
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
 
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file

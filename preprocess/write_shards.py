@@ -326,7 +326,7 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
     parts = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
                    if n.startswith("manifest-r") and n.endswith(".json"))
     if not parts:
-        from dwm.shared.cli import UserFacingError
+        from dwm.shared.errors import UserFacingError
 
         raise UserFacingError(f"{out}: no manifest-r*.json to merge (run each rank first)")
     shards, features, counts, splits = [], {}, {}, {}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import config as C
+from .errors import UserFacingError
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name].target.split(":")
     try:
         result = getattr(importlib.import_module(module), func)(cfg)
-    except (C.ConfigError, UserFacingError) as e:
+    except UserFacingError as e:
         print(f"dwm {name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -118,10 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
-
-
-class UserFacingError(RuntimeError):
-    """An error whose message is the whole story (missing weight, bad input, ...): no traceback."""
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .errors import ConfigError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key."""
 
 
 # ----------------------------------------------------------------------------------------------

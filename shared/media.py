@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from . import contract, storage
-from .cli import UserFacingError
+from .errors import UserFacingError
 
 __all__ = [
     "MediaError",

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import UserFacingError
+from .errors import UserFacingError
 from .config import ModelsConfig
 
 COMPONENTS = ("vae", "clip", "unet", "dwpose", "insightface")

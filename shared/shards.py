@@ -22,12 +22,9 @@ import numpy as np
 
 from . import storage
 from .contract import SHARD_FORMAT_VERSION
+from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
-
-
-class ManifestError(ValueError):
-    """A manifest or shard that must not be read (bad checksum, unsafe member, wrong version)."""
 
 
 @dataclass

@@ -95,7 +95,7 @@ def test_stage_a_checkpoint_has_no_video_section(tiny_models_cfg, manifest_path,
 
 
 def test_bad_manifest_is_a_clear_error(tiny_models_cfg, run_dir, tmp_path):
-    from dwm.shared.cli import UserFacingError
+    from dwm.shared.errors import UserFacingError
 
     with pytest.raises(UserFacingError, match="manifest"):
         E.main(_cfg(tiny_models_cfg, ckpt=run_dir / "final", data=tmp_path / "manifest.json",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dwm.shared import cli, media
+from dwm.shared.errors import UserFacingError
 from dwm.shared import config as C
 from dwm.generate import pipeline as G
 
@@ -173,12 +174,12 @@ def test_photo_without_person_is_one_clear_line(tiny_final, tiny_models_cfg, mus
 
 
 def test_missing_inputs_fail_clearly(tiny_final, tiny_models_cfg, dance_face, tmp_path):
-    with pytest.raises(cli.UserFacingError, match="music"):
+    with pytest.raises(UserFacingError, match="music"):
         G.main(_cfg(tiny_models_cfg, ref=dance_face, ckpt=tiny_final))
-    with pytest.raises(cli.UserFacingError, match="no such file"):
+    with pytest.raises(UserFacingError, match="no such file"):
         G.main(_cfg(tiny_models_cfg, music=tmp_path / "nope.mp3", ref=dance_face,
                     ckpt=tiny_final))
-    with pytest.raises(cli.UserFacingError, match="model_index.json"):
+    with pytest.raises(UserFacingError, match="model_index.json"):
         G.main(_cfg(tiny_models_cfg, music=dance_face, ref=dance_face, ckpt=tmp_path))
 
 
@@ -202,5 +203,5 @@ def test_reference_from_video_saves_a_display_frame(tmp_path):
     png = G.reference_from_video(clip, tmp_path / "ref.png")
     img = media.read_image(png)
     assert img.shape == (160, 96, 3) and img.std() > 5  # the dancer, not a blank frame
-    with pytest.raises(cli.UserFacingError):
+    with pytest.raises(UserFacingError):
         G.reference_from_video(png, tmp_path / "x.png")  # a picture is not a video

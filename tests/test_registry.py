@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dwm.shared import registry as R
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 from dwm.shared.config import ModelsConfig
 
 REPO = Path(__file__).resolve().parents[1]

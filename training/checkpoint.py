@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 
 from . import freeze
 

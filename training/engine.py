@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dwm.datasets import TrainLoader, batch_size_of, batch_to_device, eval_batches, make_view
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 from dwm.shared.config import TrainConfig, config_hash, to_dict
 from dwm.shared.shards import load_manifest
 

@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from dwm.shared.cli import UserFacingError
+from dwm.shared.errors import UserFacingError
 from dwm.shared.config import TrainConfig, build_train_config
 
 from .engine import StageResult, run_stage, stage_dir_of

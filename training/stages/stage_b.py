@@ -185,7 +185,7 @@ class StageB(VideoStage):
         pickled with the stage)."""
         cached = self.__dict__.get("_identity_models")
         if cached is None:
-            from dwm.shared.cli import UserFacingError
+            from dwm.shared.errors import UserFacingError
             from dwm.shared.registry import load_vae
 
             if not self.cfg.arcface_weights:

@@ -436,7 +436,7 @@ def run_step(model: nn.Module, stage_obj: Any, batch: dict[str, Any], tracker: L
             stage_obj.on_step_start(0, total)
             with autocast:
                 # the stage's loss terms and weighting; compute_loss adds only float() log values
-                terms = stage_obj._losses(model, batch, 0, total)
+                terms = stage_obj.loss_terms(model, batch, 0, total)
                 loss = weighted_total(stage_obj.cfg, terms)
             del terms
             tracker.phase("backward")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, UNetSpatioTemporalConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
 TINY_VERSION = "3"
 SEED = 0
 
@@ -56,25 +60,16 @@ TINY_UNET = dict(
 
 
 def build_vae():
-    import torch
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(SEED)
     return AutoencoderKL(**TINY_VAE).eval()
 
 
 def build_clip():
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     torch.manual_seed(SEED + 1)
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)).eval()
 
 
 def build_unet():
-    import torch
-    from diffusers import UNetSpatioTemporalConditionModel
-
     torch.manual_seed(SEED + 2)
     return UNetSpatioTemporalConditionModel(**TINY_UNET).eval()
 

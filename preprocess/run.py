@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from dwm.shared import storage
+from dwm.shared import storage, weights
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
 
@@ -194,9 +194,7 @@ def main(cfg: PreprocessConfig) -> int:
         raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
 
     # weights first: a missing file fails here, in one line, before any work
-    from dwm.shared import registry
-
-    registry.ensure_available(cfg.models, required_components(cfg))
+    weights.ensure_available(cfg.models, required_components(cfg))
 
     report_path = storage.join(out, REPORT_NAME if world <= 1 else f"report-r{rank:04d}.json")
     report = Report(cfg, report_path, rank, world)

@@ -26,12 +26,13 @@ class ClipExtractor(Extractor):
                 "clip": {"profile": m.profile, "clip": m.clip, "svd": m.svd if not m.clip else ""}}
 
     def setup(self) -> None:
+        # deferred: torch and transformers take seconds to import, paid only by runs that embed
         import torch
 
-        from dwm.shared import registry
+        from dwm.shared import pretrained
 
         self.torch = torch
-        self.model, self.preprocess_fn = registry.load_clip(self.cfg.models, device=self.device)
+        self.model, self.preprocess_fn = pretrained.load_clip(self.cfg.models, device=self.device)
         self.model.eval()
         self.dim = int(self.model.config.projection_dim)
 

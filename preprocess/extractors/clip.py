@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
 
@@ -26,12 +27,9 @@ class ClipExtractor(Extractor):
                 "clip": {"profile": m.profile, "clip": m.clip, "svd": m.svd if not m.clip else ""}}
 
     def setup(self) -> None:
-        # deferred: torch and transformers take seconds to import, paid only by runs that embed
-        import torch
-
+        # deferred: transformers takes seconds to import, paid only by runs that embed frames
         from dwm.shared import pretrained
 
-        self.torch = torch
         self.model, self.preprocess_fn = pretrained.load_clip(self.cfg.models, device=self.device)
         self.model.eval()
         self.dim = int(self.model.config.projection_dim)
@@ -49,7 +47,6 @@ class ClipExtractor(Extractor):
         return np.flatnonzero(seg_offset % max(1, every) == 0)
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
-        torch = self.torch
         rows = self.selected(batch.seg_offset, self.cfg.clip.every_n_frames)
         if len(rows) == 0:
             return {"frames": np.zeros(0, np.int32), "embed": np.zeros((0, self.dim), np.float16)}

@@ -133,7 +133,7 @@ class FaceExtractor(Extractor):
         return int(np.argmax(areas * bboxes[:, 4]))
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
-        from insightface.utils.face_align import norm_crop
+        from insightface.utils.face_align import norm_crop  # deferred: optional (see setup)
 
         ctx = self.ctx
         H, W = batch.frames.shape[1:3]

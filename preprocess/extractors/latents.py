@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from dwm.shared.contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE
 
@@ -31,12 +32,9 @@ class LatentExtractor(Extractor):
                 "vae": {"profile": m.profile, "vae": m.vae, "svd": m.svd if not m.vae else ""}}
 
     def setup(self) -> None:
-        # deferred: torch and diffusers take seconds to import, paid only by runs that encode
-        import torch
-
+        # deferred: diffusers takes seconds to import, paid only by runs that encode latents
         from dwm.shared import vae
 
-        self.torch = torch
         self.encode_latents = vae.encode_latents
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.vae, self.scaling_factor = vae.load_vae(self.cfg.models, device=self.device,
@@ -51,7 +49,6 @@ class LatentExtractor(Extractor):
         return specs
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
-        torch = self.torch
         if not self.cfg.latents.store_std:
             mean = self.encode_latents(self.vae, batch.frames)
             return {"mean": mean.float().cpu().numpy().astype(np.float16)}

@@ -152,7 +152,7 @@ class MainDancerTracker:
 
 class _MediapipeBackend:
     def __init__(self, device: str):
-        import mediapipe as mp
+        import mediapipe as mp  # deferred: optional, only the mediapipe backend needs it
 
         self.mp = mp
         self.pose = None

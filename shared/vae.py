@@ -64,7 +64,7 @@ def _batches(n: int, batch_size: int | None) -> list[tuple[int, int]]:
 def encode_latents(vae, images, batch_size: int | None = None, grad: bool = False):
     """Images -> UNSCALED latents (the posterior mean for KL VAEs). Multiply by the scaling
     factor from :func:`load_vae` for diffusion. ``images``: uint8 (0..255) or float (0..1),
-    NHWC or NCHW, array or tensor. Small batches are faster on CPU (ENVIRONMENT.md)."""
+    NHWC or NCHW, array or tensor. Small batches are faster on CPU."""
     p = next(vae.parameters())
     x = _to_pixels(images, p.device, p.dtype)
     kind = vae_kind(vae)

@@ -1,7 +1,7 @@
 """Losses of stages B and C.
 
 - ``diffusion_loss`` (L_diff): EDM-weighted MSE between the denoised latents and the target
-  latents (the seed's ``MSE(model_pred, target_latents)`` with SVD's weighting).
+  latents (the plain ``MSE(model_pred, target_latents)``, with SVD's weighting).
 - ``face_region_loss`` (L_id, latent form, the default): the same weighted error inside the
   soft face mask, times ``face_mask_weight - 1``; so ``L_diff + L_id`` is exactly the MSE with
   weight ``face_mask_weight`` (3) inside the face and 1 outside (StableAnimator's face-masked

@@ -41,7 +41,7 @@ TINY_CLIP = dict(
     projection_dim=32,
 )
 
-# UNetSpatioTemporalConditionModel (ENVIRONMENT.md: channels must be multiples of 32).
+# UNetSpatioTemporalConditionModel: channels must be multiples of 32 (its GroupNorms have 32 groups).
 TINY_UNET = dict(
     sample_size=None,
     in_channels=8,  # noisy latents + conditioning-frame latents, as SVD

@@ -9,9 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNetSpatioTemporalConditionModel
-from transformers import CLIPVisionModelWithProjection
-
 from . import weights
 from .config import ModelsConfig
 
@@ -22,6 +19,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def load_clip(cfg: ModelsConfig, device="cpu", dtype=None) -> tuple[Any, Callable]:
     """(CLIPVisionModelWithProjection, preprocess_fn); see :func:`make_clip_preprocess`."""
+    # deferred (as load_unet's diffusers): transformers takes seconds to import, and most
+    # importers of this module load only one of the two models
+    from transformers import CLIPVisionModelWithProjection
+
     folder = weights.component_dir(cfg, "clip")
     model = CLIPVisionModelWithProjection.from_pretrained(
         folder, dtype=dtype or torch.float32, use_safetensors=True,
@@ -58,7 +59,10 @@ def make_clip_preprocess(model) -> Callable:
     return preprocess
 
 
-def load_unet(cfg: ModelsConfig, device="cpu", dtype=None) -> UNetSpatioTemporalConditionModel:
+def load_unet(cfg: ModelsConfig, device="cpu", dtype=None):
+    """SVD's UNetSpatioTemporalConditionModel."""
+    from diffusers import UNetSpatioTemporalConditionModel  # deferred: see load_clip
+
     folder = weights.component_dir(cfg, "unet")
     return UNetSpatioTemporalConditionModel.from_pretrained(
         folder, torch_dtype=dtype or torch.float32, use_safetensors=True,

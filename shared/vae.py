@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 
@@ -21,6 +20,10 @@ VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLTemporalDecoder
 
 def load_vae(cfg: ModelsConfig, device="cpu", dtype=None) -> tuple[Any, float]:
     """(vae, scaling_factor). The class comes from the folder's config.json ``_class_name``."""
+    # deferred: diffusers takes seconds to import, and every preprocessing run imports this
+    # module (the latents extractor does) whether or not it encodes latents
+    import diffusers
+
     folder = weights.component_dir(cfg, "vae")
     name = weights.read_config(folder).get("_class_name", "")
     if name not in VAE_CLASSES:

@@ -33,6 +33,7 @@ from huggingface_hub import constants, hf_hub_download, snapshot_download, try_t
 
 from .config import ModelsConfig
 from .errors import UserFacingError
+from .tiny import build_tiny
 
 COMPONENTS = ("vae", "clip", "unet", "dwpose", "insightface")
 # component -> subfolder of the SVD repo
@@ -76,10 +77,6 @@ def safetensors_variant(folder: Path) -> str | None:
 
 
 def _tiny_root(cfg: ModelsConfig) -> Path:
-    # deferred: the tiny fixtures import diffusers, transformers and onnx (seconds), which the
-    # full profile's callers, such as the ONNX-only DWpose and insightface paths, never need
-    from .tiny import build_tiny
-
     return build_tiny(cfg.models_dir)
 
 

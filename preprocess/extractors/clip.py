@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dwm.shared import pretrained
+
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
 
 
@@ -27,9 +29,6 @@ class ClipExtractor(Extractor):
                 "clip": {"profile": m.profile, "clip": m.clip, "svd": m.svd if not m.clip else ""}}
 
     def setup(self) -> None:
-        # deferred: transformers takes seconds to import, paid only by runs that embed frames
-        from dwm.shared import pretrained
-
         self.model, self.preprocess_fn = pretrained.load_clip(self.cfg.models, device=self.device)
         self.model.eval()
         self.dim = int(self.model.config.projection_dim)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dwm.shared import vae
 from dwm.shared.contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE
 
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
@@ -32,10 +33,6 @@ class LatentExtractor(Extractor):
                 "vae": {"profile": m.profile, "vae": m.vae, "svd": m.svd if not m.vae else ""}}
 
     def setup(self) -> None:
-        # deferred: diffusers takes seconds to import, paid only by runs that encode latents
-        from dwm.shared import vae
-
-        self.encode_latents = vae.encode_latents
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.vae, self.scaling_factor = vae.load_vae(self.cfg.models, device=self.device,
                                                      dtype=self.dtype)
@@ -50,7 +47,7 @@ class LatentExtractor(Extractor):
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
         if not self.cfg.latents.store_std:
-            mean = self.encode_latents(self.vae, batch.frames)
+            mean = vae.encode_latents(self.vae, batch.frames)
             return {"mean": mean.float().cpu().numpy().astype(np.float16)}
         x = torch.from_numpy(np.ascontiguousarray(batch.frames)).permute(0, 3, 1, 2)
         x = (x.to(self.device, self.dtype) / 127.5) - 1.0

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNetSpatioTemporalConditionModel
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 TINY_VERSION = "3"
 SEED = 0
@@ -59,17 +57,25 @@ TINY_UNET = dict(
 )
 
 
+# diffusers and transformers are imported in the builders: they take seconds, and every
+# tiny-profile run imports this module (for the stamp) while few of them build the models.
 def build_vae():
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(SEED)
     return AutoencoderKL(**TINY_VAE).eval()
 
 
 def build_clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
     torch.manual_seed(SEED + 1)
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)).eval()
 
 
 def build_unet():
+    from diffusers import UNetSpatioTemporalConditionModel
+
     torch.manual_seed(SEED + 2)
     return UNetSpatioTemporalConditionModel(**TINY_UNET).eval()
 

@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 # ----------------------------------------------------------------------------------------------
-# Model registry config (which pretrained component comes from where)
+# Pretrained weights (which component comes from where; resolved by dwm.shared.weights)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ModelsConfig:

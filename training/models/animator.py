@@ -45,7 +45,7 @@ SVD_SCALING_FACTOR = 0.18215
 # sigma at which the ReferenceNet sees the (clean) reference frame
 REFERENCE_SIGMA = edm.SIGMA_MIN
 
-# Sizes of the small trainable modules for each model size (the UNet's come from the registry).
+# Sizes of the small trainable modules for each model size (the UNet's come from its config.json).
 POSE_GUIDER_SIZES = {"full": (32, 64, 128), "tiny": (8, 16)}
 ID_ADAPTER_SIZES = {  # inner_dim, depth, heads
     "full": dict(inner_dim=768, depth=2, heads=8),

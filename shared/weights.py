@@ -76,10 +76,6 @@ def safetensors_variant(folder: Path) -> str | None:
     return "fp16" if files else None
 
 
-def _tiny_root(cfg: ModelsConfig) -> Path:
-    return build_tiny(cfg.models_dir)
-
-
 def _hf_mirror(cfg: ModelsConfig, repo: str, sub: str | None) -> Path:
     d = _models_dir(cfg) / "hf" / repo
     return d / sub if sub else d
@@ -171,7 +167,7 @@ def component_dir(cfg: ModelsConfig, component: str, download: bool = True) -> P
         raise ValueError(f"component_dir: '{component}' is not one of {list(SVD_SUBFOLDERS)}")
     spec, default_sub = _spec(cfg, component)
     if not getattr(cfg, component) and cfg.profile == "tiny":
-        return _tiny_root(cfg) / SVD_SUBFOLDERS[component]
+        return build_tiny(cfg.models_dir) / SVD_SUBFOLDERS[component]
     for cand in _local_candidates(spec, cfg):
         if cand.is_dir():
             return _pick_folder(cand, default_sub, component)
@@ -200,7 +196,7 @@ def dwpose_paths(cfg: ModelsConfig) -> tuple[Path, Path]:
     """(detector yolox_l.onnx, pose dw-ll_ucoco_384.onnx). Raises MissingWeightError if absent
     (rtmlib would otherwise try to download a path it does not find)."""
     if cfg.profile == "tiny":
-        root = _tiny_root(cfg) / "dwpose"
+        root = build_tiny(cfg.models_dir) / "dwpose"
         return root / "yolox_l.onnx", root / "dw-ll_ucoco_384.onnx"
     det, pose = _under_models(cfg, cfg.dwpose_det), _under_models(cfg, cfg.dwpose_pose)
     for p in (det, pose):
@@ -221,7 +217,7 @@ def insightface_root(cfg: ModelsConfig) -> tuple[str, str]:
     """
     pack = cfg.insightface_pack
     if cfg.profile == "tiny":
-        return str(_tiny_root(cfg) / "insightface"), pack
+        return str(build_tiny(cfg.models_dir) / "insightface"), pack
     root = _models_dir(cfg) / "insightface"
     pack_dir = root / "models" / pack
     if not any(pack_dir.glob("*.onnx")):
@@ -252,7 +248,7 @@ def ensure_available(cfg: ModelsConfig, components: Iterable[str] | str) -> None
     if unknown:
         raise ValueError(f"ensure_available: unknown component(s) {unknown}; known: {COMPONENTS}")
     if cfg.profile == "tiny":
-        _tiny_root(cfg)
+        build_tiny(cfg.models_dir)
     for c in components:
         if c in SVD_SUBFOLDERS:
             component_dir(cfg, c, download=True)
@@ -309,7 +305,7 @@ def _flatten_pack(pack_dir: Path) -> None:
 def download_main(cfg: ModelsConfig) -> int:
     """``dwm models``: print what is fetched and where, then fetch it (needs internet)."""
     if cfg.profile == "tiny":
-        root = _tiny_root(cfg)
+        root = build_tiny(cfg.models_dir)
         print(f"tiny models and stand-in ONNX files are in {root}")
         return 0
     plan = download_plan(cfg)

@@ -12,13 +12,19 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
+from dwm.preprocess import run as preprocess_run
+from dwm.preprocess.decode import SegmentReader, centre_crop_box, crop, make_plan
+from dwm.preprocess.probe import probe_file
 from dwm.shared.config import DecodeConfig, PreprocessConfig
+from dwm.shared.shards import load_manifest
 
 from .common import Bench
 from .report import Figure, Goal, Reference, Section, median
@@ -36,9 +42,6 @@ WHOLE = list(EXTRACTORS)
 def decode_frames(video: str, dcfg: DecodeConfig, probe=None) -> Callable[[], int]:
     """A function that decodes the video as the pipeline does (aspect-kept decode + centre crop,
     sequential, segment by segment) and returns the number of frames."""
-    from dwm.preprocess.decode import SegmentReader, centre_crop_box, crop, make_plan
-    from dwm.preprocess.probe import probe_file
-
     probe = probe or probe_file(video)
     plan = make_plan(probe, dcfg)
 
@@ -58,10 +61,6 @@ def decode_frames(video: str, dcfg: DecodeConfig, probe=None) -> Callable[[], in
 
 def run_preprocess(pcfg: PreprocessConfig, fresh: bool = True) -> tuple[float, dict[str, Any]]:
     """(wall seconds, report.json) of one ``dwm preprocess`` run, in-process."""
-    import time
-
-    from dwm.preprocess import run as preprocess_run
-
     if fresh:
         shutil.rmtree(pcfg.out, ignore_errors=True)
     t = time.perf_counter()
@@ -94,8 +93,6 @@ def _maybe_profile(bench: Bench, sec: Section, fig: Figure, fn: Callable[[], Any
 # 1. decode limit
 # ---------------------------------------------------------------------------------------------
 def section_decode(bench: Bench, sec: Section) -> None:
-    from dwm.preprocess.probe import probe_file
-
     probe = probe_file(str(bench.video))
     fps_src = float(probe.orig_fps)
     realtime = Reference("real time (video fps)", fps_src, "frames/s")
@@ -115,7 +112,7 @@ def section_decode(bench: Bench, sec: Section) -> None:
         if seconds == bench.seconds:  # the reference of the model-extractor figures
             bench.decode_fps, bench.decode_inputs = median(fps), inputs
 
-    # the stage-C resolution (what the anchors decode each step, section 4b)
+    # the stage-C resolution (what decode + VAE + render per step decodes, section 4)
     pcfg = bench.preprocess_config(bench.out / "unused",
                                    **{"decode.max_seconds": bench.decode_seconds})
     big = DecodeConfig(fps=pcfg.decode.fps, width=512, height=896, segment_frames=150,
@@ -264,10 +261,6 @@ def raw_f32_bytes(shape: tuple[int, ...]) -> int:
 
 
 def section_storage(bench: Bench, sec: Section) -> None:
-    import zarr
-
-    from dwm.shared.shards import load_manifest
-
     if bench.full_run is None:
         raise RuntimeError("needs the whole-pipeline run of section 2")
     run = bench.full_run

@@ -1,4 +1,5 @@
-"""Section 4: the shard loader against raw reads of the same bytes and against the anchors' way.
+"""Section 4: the shard loader against raw reads of the same bytes and against decode + VAE +
+render per step.
 
 Shards at the stage-C size (512x896 -> 4x112x64 latents) are *synthesised* with the contract's
 names, shapes and dtypes and written by :class:`dwm.shared.shards.ShardWriter` (preprocessing
@@ -9,8 +10,9 @@ read and decode costs depend on sizes, not on values.
 
 The loader is :class:`dwm.datasets.TrainLoader` with the TrainConfig defaults (workers,
 prefetch, shuffle buffer) and a long fixed epoch.
-The anchors' way (CHAMP / StableAnimator datasets) does per item: open the mp4, decode the
-window, VAE-encode it (TAESD here) and render the pose images.
+Decode + VAE + render per step is what a loader without a feature cache does for every item (as
+CHAMP's and StableAnimator's datasets do): open the mp4, decode the window, VAE-encode it (TAESD
+here) and render the pose images.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
+import decord
 import numpy as np
 
-from dwm.shared import contract
-from dwm.shared.config import TrainConfig
+from dwm.datasets import TrainLoader, batch_size_of, make_view
+from dwm.preprocess.decode import crop, decode_size
+from dwm.preprocess.extractors.pose import render_heatmaps
+from dwm.preprocess.probe import probe_file
+from dwm.shared import contract, vae
+from dwm.shared.config import ModelsConfig, TrainConfig
+from dwm.shared.media import draw_skeleton
+from dwm.shared.shards import ShardWriter, load_manifest, write_manifest
+from dwm.shared.synthetic import dancer_pose, render_frame
 
 from .common import Bench
 from .report import Figure, Goal, Reference, Section, median
@@ -48,11 +59,6 @@ class ShardSet:
 def synth_sample(i: int, frames: int, width: int, height: int, rng: np.random.Generator,
                  fps: float = 24.0) -> dict[str, Any]:
     """One shard sample with every contract feature, at ``width`` x ``height``."""
-    import cv2
-
-    from dwm.preprocess.extractors.pose import render_heatmaps
-    from dwm.shared.synthetic import dancer_pose, render_frame
-
     h, w = height // contract.LATENT_DOWNSAMPLE, width // contract.LATENT_DOWNSAMPLE
     T = frames
     body = np.zeros((T, contract.NUM_BODY_JOINTS, 3), np.float32)
@@ -111,8 +117,6 @@ def synth_sample(i: int, frames: int, width: int, height: int, rng: np.random.Ge
 def synth_shards(out: Path, samples: int, frames: int, width: int, height: int,
                  shards: int, seed: int = 0) -> ShardSet:
     """Write ``samples`` synthetic samples into about ``shards`` tars + a manifest."""
-    from dwm.shared.shards import ShardWriter, load_manifest, write_manifest
-
     rng = np.random.default_rng(seed)
     first = synth_sample(0, frames, width, height, rng)
     size = sum(np.asarray(v).nbytes for k, v in first.items() if k not in ("__key__", "json"))
@@ -138,9 +142,6 @@ def synth_shards(out: Path, samples: int, frames: int, width: int, height: int,
 # ---------------------------------------------------------------------------------------------
 def make_loader(shards: ShardSet, view_name: str, workers: int, batch_size: int = 1,
                 seq_len: int = 24, **view_kw: Any):
-    from dwm.datasets import TrainLoader, make_view
-    from dwm.shared.shards import load_manifest
-
     d = TrainConfig()
     manifest = load_manifest(shards.manifest)
     opts = {"sequence_length": seq_len} if view_name == "C" else {}
@@ -152,8 +153,6 @@ def make_loader(shards: ShardSet, view_name: str, workers: int, batch_size: int 
 
 def loader_seconds(loader, batches: int) -> tuple[float, int]:
     """(seconds, samples) for ``batches`` batches after a first, untimed one (worker start)."""
-    from dwm.datasets import batch_size_of
-
     it = iter(loader)
     try:
         next(it)
@@ -173,47 +172,32 @@ def raw_read_seconds(urls: list[str]) -> float:
     return time.perf_counter() - t
 
 
-class AnchorItem:
-    """The anchors' per-step data work for one T-frame item: open the mp4, decode a random
+class DecodeEncodeRenderItem:
+    """Decode + VAE + render per step, for one T-frame item: open the mp4, decode a random
     window (aspect-kept, cropped), VAE-encode it, render the pose images."""
 
     def __init__(self, video: str, taesd: str, T: int, width: int, height: int, seed: int = 0):
-        from dwm.preprocess.decode import decode_size
-        from dwm.preprocess.probe import probe_file
-        from dwm.shared import registry
-        from dwm.shared.config import ModelsConfig
-
         self.video, self.T, self.width, self.height = video, T, width, height
         self.probe = probe_file(video)
         self.dw, self.dh, _ = decode_size(self.probe.orig_width, self.probe.orig_height, width,
                                           height)
-        self.vae, self.scale = registry.load_vae(ModelsConfig(vae=taesd), device="cpu")
+        self.vae, self.scale = vae.load_vae(ModelsConfig(vae=taesd), device="cpu")
         self.rng = np.random.default_rng(seed)
-        from dwm.shared.synthetic import dancer_pose
-
         self.poses = [np.concatenate([dancer_pose(t / 24, 120.0, width, height) / [width, height],
                                       np.full((18, 1), 0.9)], axis=1) for t in range(T)]
 
     def warm(self) -> None:
         """Model, allocator and decoder warm-up, at the cost of one frame."""
-        from dwm.shared import registry
-
         frames = np.zeros((1, self.height, self.width, 3), np.uint8)
-        registry.encode_latents(self.vae, frames, batch_size=1)
+        vae.encode_latents(self.vae, frames, batch_size=1)
 
     def __call__(self) -> dict[str, Any]:
-        import decord
-
-        from dwm.preprocess.decode import crop
-        from dwm.shared import registry
-        from dwm.shared.media import draw_skeleton
-
         vr = decord.VideoReader(self.video, width=self.dw, height=self.dh)
         start = int(self.rng.integers(0, max(1, len(vr) - self.T)))
         frames = vr.get_batch(list(range(start, start + self.T))).asnumpy()
         x0, y0 = (self.dw - self.width) // 2, (self.dh - self.height) // 2
         frames = crop(frames, x0, y0, self.width, self.height)
-        latents = registry.encode_latents(self.vae, frames, batch_size=4) * self.scale
+        latents = vae.encode_latents(self.vae, frames, batch_size=4) * self.scale
         size = (self.width, self.height)
         poses = np.stack([draw_skeleton(None, p, size=size) for p in self.poses])
         return {"latents": latents, "pose_images": poses, "start": start}
@@ -257,15 +241,16 @@ def section_loader(bench: Bench, sec: Section) -> None:
                                     "samples/s"), Goal(">=", 0.8),
                           {**common, "T": T, "batches": batches}, rate["C"], rate["raw"]))
 
-    # the anchors: decode + VAE-encode + render pose for every item
-    anchor = AnchorItem(str(bench.video), str(bench.taesd), T, width, height)
-    anchor.warm()
+    # without a feature cache: decode + VAE-encode + render pose for every item
+    per_step = DecodeEncodeRenderItem(str(bench.video), str(bench.taesd), T, width, height)
+    per_step.warm()
     at = []
     for _ in range(bench.repeats):
         t = time.perf_counter()
-        anchor()
+        per_step()
         at.append(1.0 / (time.perf_counter() - t))
-    figB = sec.add(Figure("stage-C samples/s from shards vs the anchors' way", median(rate["C"]),
+    figB = sec.add(Figure("stage-C samples/s from shards vs decode + VAE + render per step",
+                          median(rate["C"]),
                           "samples/s",
                           Reference("decode mp4 window + TAESD encode + render pose per item",
                                     median(at), "samples/s"), Goal(">=", 20.0),

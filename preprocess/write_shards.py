@@ -12,11 +12,13 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from dwm.shared import storage
 from dwm.shared.config import PreprocessConfig, config_hash, to_dict
 from dwm.shared.contract import (AUDIO_BASELINE_DIM, FEATURE_BY_NAME, LATENT_CHANNELS,
                                  SAMPLE_META_KEYS)
+from dwm.shared.errors import UserFacingError
 from dwm.shared.shards import MANIFEST_NAME, ShardInfo, ShardWriter, write_manifest
 
 from . import extractors as X
@@ -326,8 +328,6 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
     parts = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
                    if n.startswith("manifest-r") and n.endswith(".json"))
     if not parts:
-        from dwm.shared.errors import UserFacingError
-
         raise UserFacingError(f"{out}: no manifest-r*.json to merge (run each rank first)")
     shards, features, counts, splits = [], {}, {}, {}
     moments: dict[str, _Moments] = {}
@@ -357,8 +357,6 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False)
 
 

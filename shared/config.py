@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 # ----------------------------------------------------------------------------------------------
-# Model registry config (which pretrained component comes from where)
+# Pretrained weights (which component comes from where; resolved by dwm.shared.weights)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ModelsConfig:
@@ -145,7 +145,7 @@ class PreprocessConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    # -- stages and steps (seed design)
+    # -- stages and steps (README, "Training: the three-stage curriculum")
     training_stage: Literal["A", "B", "C", "all"] = "all"
     stage_a_steps: int = 5000
     stage_b_steps: int = 10000
@@ -283,6 +283,15 @@ class BenchConfig:
     workers: int = -1  # data-loader workers of sections 4-5 (-1: the TrainConfig default)
     sections: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5", "6"])
     profile: bool = True  # profile (cProfile) each figure that misses its goal
+    # -- the GPU bench (bench/gpu.py, sections G1-G4): `dwm bench gpu=true`
+    gpu: bool = False  # run the GPU sections instead of 1-6; writes <out>/bench_gpu.{md,json}
+    dry_run: bool = False  # with gpu=true: the same code on the CPU, tiny models and sizes (CI)
+    estimate_memory: bool = False  # no GPU needed: print the estimated step memory, then stop
+    gpu_steps: int = 0  # timed train steps of G1/G2 (0: 5; a dry run times 1)
+    batch_c: int = 1  # stage-C batch of G1 (clips of T frames)
+    batch_b: int = 4  # stage-B batch of G2 (frames)
+    models_dir: str = "models"  # where `dwm models` put the weights (G1-G3)
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak, when it is not in gpu.py's table
 
 
 @dataclass

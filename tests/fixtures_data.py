@@ -2,7 +2,7 @@
 
 ``sample_dataset`` -> Path of a ``manifest.json``: the real dance video (shared/samples) split by
 ffmpeg into two videos (0-7 s and 7-12 s, re-encoded at 540x960), preprocessed with the tiny
-profile (tiny registry models), the real mediapipe pose, 256x448, 24 fps, 48-frame segments.
+profile (tiny models), the real mediapipe pose, 256x448, 24 fps, 48-frame segments.
 It has train AND val splits, audio, faces (stand-in detector, pose fallback), latents, clip and
 thumbs. ``sample_dataset_dir`` is its output folder (shards, cache/, report.json);
 ``sample_videos_dir`` the two input clips; ``sample_dataset_cfg`` the PreprocessConfig used

@@ -23,7 +23,7 @@ RESOLUTION = "64x128"  # latent 8x16: the tiny UNet's one downsampling needs eve
 
 def build_tiny_final(models_cfg: C.ModelsConfig, out: Path, video: bool = True) -> Path:
     """A DanceModel folder like training's final/: tiny M2PEncoder (+ the video model)."""
-    from dwm.shared import registry
+    from dwm.shared import pretrained
     from dwm.training.models.animator import build_video_components
     from dwm.training.models.dance_model import DanceModel
     from dwm.training.models.m2p import M2PEncoder
@@ -31,7 +31,7 @@ def build_tiny_final(models_cfg: C.ModelsConfig, out: Path, video: bool = True) 
     torch.manual_seed(0)
     parts = {"m2p": M2PEncoder.from_size("tiny")}
     if video:
-        parts.update(build_video_components(registry.load_unet(models_cfg), "tiny"))
+        parts.update(build_video_components(pretrained.load_unet(models_cfg), "tiny"))
         # a fresh pose guider outputs zeros; give it weights so the pose path is exercised
         torch.nn.init.normal_(parts["pose_guider"].proj_out.weight, std=0.02)
     DanceModel(**parts).save_pretrained(out)

@@ -234,9 +234,9 @@ def _second_vae(cfg, tmp_path):
     """A copy of the tiny VAE with other weights (a 'changed VAE')."""
     import torch
 
-    from dwm.shared import registry
+    from dwm.shared.vae import load_vae
 
-    vae, _ = registry.load_vae(cfg.models)
+    vae, _ = load_vae(cfg.models)
     with torch.no_grad():
         for p in vae.parameters():
             p.mul_(0.5)

@@ -8,12 +8,14 @@ reported as a ratio to it, with its goal marked met or missed:
 2. preprocessing: each extractor alone and the whole pipeline, against (1); goal: with the model
    extractors off the pipeline runs at >= 0.8 of decoding alone
 3. cache reuse: a second preprocess of unchanged input against the first; goal <= 0.02
-4. loader: stage-C samples/s from shards against raw reads of the same bytes (goal >= 0.8) and
-   against the anchors' way (decode + VAE-encode + render pose every step; goal >= 20x);
-   stage-A windows/s and stage-B pairs/s
+4. loader: stage-C samples/s from shards against what one GPU's full-size step consumes
+   (``gpu_step_ms=`` measured on a GPU, else bench/gpu.py's estimate; goal >= 2x), against
+   20 samples/s on 2 cores and against the anchors' way (decode + VAE-encode + render pose every
+   step; goal >= 20x); stage-A windows/s and stage-B pairs/s (goal >= 100/s each)
 5. train step per stage (tiny): data-wait / forward / backward / optimiser; goal: data-wait
    <= 2% of the step
-6. storage: cache and shard bytes per frame per feature against float32 .npy and the source mp4
+6. storage: shard bytes per frame at 512x896 against the fp16 latents' bytes (goal <= 1.25) and
+   the source mp4, per member against the plain .npy; cache bytes per frame per extractor
 
 Where a figure misses its goal, it is run once more under cProfile and the top functions go into
 the report. ``quick=true`` makes every section tiny (the test runs it). ``bench/gpu.py`` at the

@@ -4,6 +4,7 @@
     python bench/gpu.py [--out bench_gpu_out] [--steps 5] [--batch-c 1] [--batch-b 4]
     python bench/gpu.py --dry-run        # the same code on the CPU, tiny models and sizes (CI)
     python bench/gpu.py --estimate-memory  # no GPU: estimated step memory (Markdown table)
+    python bench/gpu.py --estimate-step    # no GPU: estimated full-size stage-C step time
 
 Figures (each the median over timed steps or repetitions, with its reference and ratio):
 
@@ -77,10 +78,39 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models-dir", default="models", help="where `dwm models` put the weights")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="the GPU's dense bf16 peak, when it is not in the built-in table")
+    p.add_argument("--estimate-step", action="store_true",
+                   help="no GPU needed: estimated full-size stage-C step time (FLOPs counted on "
+                        f"fake tensors at {ESTIMATE_MFU:g} of {ESTIMATE_GPU} bf16 peak)")
     p.add_argument("--estimate-memory", action="store_true",
                    help="no GPU needed: estimated peak memory of stage-C/B steps at 512x896 on "
                         "fake tensors (dwm.bench.memory), as a Markdown table")
     return p.parse_args(argv)
+
+
+# Where no GPU step was measured, its time is estimated: the FLOPs of one full-size step counted
+# on fake tensors (dwm.bench.memory runs the real step on shapes only; gradient checkpointing on,
+# so its recomputation counts as the work it is) at an assumed share of a datasheet peak.
+ESTIMATE_GPU = "H100 SXM"
+ESTIMATE_MFU = 0.4  # assumed utilisation of the bf16 peak by a UNet train step (0.3-0.5 typical)
+
+
+def estimate_step(stage: str = "C", width: int = 512, height: int = 896, T: int = 24,
+                  batch: int = 1, model_size: str = "full", gpu: str = ESTIMATE_GPU,
+                  mfu: float = ESTIMATE_MFU) -> dict[str, float | str]:
+    """Estimated seconds of one train step of ``stage`` on ``gpu`` (bf16, checkpointing on):
+    counted FLOPs / (datasheet peak x ``mfu``). About 40 s on a CPU at the full size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dwm.bench.memory import stage_step_memory
+
+    counter = FlopCounterMode(display=False)
+    stage_step_memory(stage, width, height, T, "bf16", True, batch, model_size=model_size,
+                      around_step=counter)
+    flops = float(counter.get_total_flops())
+    peak = PEAK_BF16_TFLOPS[gpu]
+    return {"flops": flops, "seconds": flops / (peak * 1e12 * mfu), "gpu": gpu, "mfu": mfu,
+            "peak_tflops": peak, "source": f"estimate: {flops / 1e12:.1f} TFLOP/step at {mfu:g} "
+                                         f"of {gpu} bf16 peak ({peak:g} TFLOP/s)"}
 
 
 def peak_tflops(name: str, override: float) -> float | None:
@@ -415,6 +445,11 @@ def run_section(sec: Section, fn) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.estimate_step:
+        est = estimate_step(batch=args.batch_c)
+        print(f"stage-C step, 512x896, T=24, batch {args.batch_c}: {est['seconds'] * 1000:.0f} ms "
+              f"({est['source']}); {args.batch_c / est['seconds']:.2f} samples/s per GPU")
+        return 0
     if args.estimate_memory:
         from dwm.bench.memory import memory_table
 

@@ -325,7 +325,7 @@ def make_batch(stage: str, cfg: Any, width: int, height: int, T: int, batch: int
                seed: int = 0) -> dict[str, Any]:
     """A real batch of the stage's view (CPU tensors, as ``batch_to_device`` leaves them), from
     synthetic samples with every contract feature at ``width x height``."""
-    from dwm.datasets.views import batch_to_device, collate, make_view
+    from dwm.datasets.views import NearestRows, batch_to_device, collate, make_view
 
     from .loader import N_MELS, synth_sample
 
@@ -338,6 +338,9 @@ def make_batch(stage: str, cfg: Any, width: int, height: int, T: int, batch: int
         sample = synth_sample(i, frames, width, height, rng)
         meta = sample.pop("json")
         sample.pop("__key__")
+        # as decode_features hands them over: crops stored on reference frames, found by frame
+        sample["face_crop"] = NearestRows(sample["face_crop"], sample["face_crop_frames"],
+                                          "synthetic")
         items.append(view.build(meta, sample, rng, T if stage == "C" else None))
     return batch_to_device(collate(items), "cpu")
 

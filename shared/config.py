@@ -289,6 +289,9 @@ class BenchConfig:
     loader_batches: int = 24  # batches timed per loader repetition
     train_steps: int = 3  # timed train steps per stage (after 2 warm-up steps)
     workers: int = -1  # data-loader workers of sections 4-5 (-1: the TrainConfig default)
+    # a full-size stage-C step (512x896, T=24, batch 1) measured on a GPU (bench/gpu.py's G1),
+    # in ms: the loader's goal is against what it consumes; 0: bench/gpu.py's estimate
+    gpu_step_ms: float = 0.0
     sections: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5", "6"])
     profile: bool = True  # profile (cProfile) each figure that misses its goal
 

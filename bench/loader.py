@@ -139,15 +139,15 @@ def synth_shards(out: Path, samples: int, frames: int, width: int, height: int,
 
     rng = np.random.default_rng(seed)
     first = synth_sample(0, frames, width, height, rng)
-    size = sum(np.asarray(v).nbytes for k, v in first.items() if k not in ("__key__", "json"))
     per_shard = max(1, -(-samples // max(1, shards)))
-    writer = ShardWriter(str(out), prefix="train", target_bytes=int(size * per_shard + size // 2))
-    writer.write(first)
-    for i in range(1, samples):
-        writer.write(synth_sample(i, frames, width, height, rng))
+    writer = ShardWriter(str(out), prefix="train", target_bytes=1 << 40)
+    for i in range(samples):  # per_shard samples per tar
+        writer.write(first if i == 0 else synth_sample(i, frames, width, height, rng))
+        if (i + 1) % per_shard == 0:
+            writer.flush()
     infos = writer.close()
     feats = {f.name: {"shape": list(f.shape), "dtype": f.dtype, "extractor": f.extractor,
-                      "version": "synthetic"} for f in contract.FEATURES}
+                      "version": "synthetic", "encoding": f.encoding} for f in contract.FEATURES}
     stats = {"audio_mel": {"mean": [0.0] * N_MELS, "std": [1.0] * N_MELS},
              "audio_baseline": {"mean": [0.0] * contract.AUDIO_BASELINE_DIM,
                                 "std": [1.0] * contract.AUDIO_BASELINE_DIM}}

@@ -15,23 +15,21 @@ import pytest
 import zarr
 
 from dwm.shared import contract
-from dwm.shared.shards import decode_npy, load_manifest, verify_shards
+from dwm.shared.shards import decode_sample, load_manifest, verify_shards
 
 
 def _samples(manifest: dict) -> list[dict]:
+    """Every sample, each member decoded in its declared encoding (tar members read by
+    ``tarfile``, then :func:`dwm.shared.shards.decode_sample`)."""
     out = []
     for s in manifest["shards"]:
         with tarfile.open(s["url"]) as tar:
             groups: dict[str, dict] = {}
             for m in tar.getmembers():
                 key, rest = m.name.split(".", 1)
-                data = tar.extractfile(m).read()
-                g = groups.setdefault(key, {"__shard__": s["name"]})
-                if rest == "json":
-                    g["json"] = json.loads(data)
-                else:
-                    g[rest[: -len(".npy")]] = decode_npy(data)
-            out.extend(groups[k] for k in sorted(groups))
+                groups.setdefault(key, {"__key__": key})[rest] = tar.extractfile(m).read()
+            for k in sorted(groups):
+                out.append({**decode_sample(groups[k]), "__shard__": s["name"]})
     return out
 
 
@@ -83,6 +81,9 @@ def test_samples_follow_the_contract(samples, manifest):
         assert meta["has_audio"] is True and meta["fps"] == 24
         assert meta["split"] in s["__shard__"]
         assert sorted(meta["features"]) == sorted(k for k in s if k not in ("json", "__shard__"))
+        for name in meta["features"]:  # each member in the encoding the contract declares
+            assert name in meta["chunks"] or contract.FEATURE_BY_NAME[name].encoding == "npy"
+            assert manifest["features"][name]["encoding"] == contract.FEATURE_BY_NAME[name].encoding
         for name in meta["features"]:
             spec = contract.FEATURE_BY_NAME[name]
             arr = s[name]
@@ -93,7 +94,16 @@ def test_samples_follow_the_contract(samples, manifest):
         assert s["pose_body"].shape == (t, 18, 3) and s["pose_hands"].shape == (t, 42, 3)
         assert s["pose_face"].shape == (t, 68, 3) and s["pose_heatmap"].shape == (t, 18, 56, 32)
         assert s["latents"].shape == (t, 4, 56, 32)
-        assert s["face_mask"].shape == (t, 56, 32) and s["face_crop"].shape == (t, 112, 112, 3)
+        assert s["face_mask"].shape == (t, 56, 32)
+        # face crops on reference-candidate frames only: the best-scored face of every run of
+        # face_crop_every frames that has one
+        every = manifest["config"]["shards"]["face_crop_every"]
+        frames = s["face_crop_frames"]
+        assert s["face_crop"].shape == (len(frames), 112, 112, 3)
+        runs = [r for r in range(0, t, every) if s["face_present"][r : r + every].any()]
+        assert [int(f) // every for f in frames] == [r // every for r in runs]
+        assert s["face_present"][frames].all() and (s["face_crop"].reshape(len(frames), -1)
+                                                    .max(axis=1) > 0).all()
         assert s["face_ref_embed"].shape == (512,)
         assert len(s["thumbs_offsets"]) == t + 1 and s["thumbs_offsets"][-1] == len(s["thumbs_jpeg"])
         jpgs = contract.decode_thumbs(s["thumbs_jpeg"], s["thumbs_offsets"])

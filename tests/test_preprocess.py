@@ -4,6 +4,7 @@ manifest, cache and report; cache reuse and partial recompute."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -178,6 +179,54 @@ def test_second_run_does_no_work(sample_dataset_cfg, sample_dataset):
     assert all(n == 0 for n in rep["extractor_calls"].values()), rep["extractor_calls"]
     assert rep["decoded_frames"] == 0
     assert sample_dataset.read_bytes() == before
+
+
+def test_old_format_shards_are_rewritten_from_the_cache(sample_dataset_cfg, sample_dataset_dir,
+                                                        sample_dataset, tmp_path):
+    """A dataset of shard format 1 (every array a plain .npy member): readers refuse it in one
+    line; re-running preprocessing on the same input rewrites it in the current format from the
+    cache, with no extractor call and no decode."""
+    import shutil
+
+    from dwm.datasets import TrainLoader, make_view
+    from dwm.preprocess.run import main
+    from dwm.shared.errors import ManifestError
+    from dwm.shared.shards import encode_npy
+
+    out = tmp_path / "old"
+    shutil.copytree(sample_dataset_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for s in manifest["shards"]:  # as format 1 wrote them
+        path = out / s["name"]
+        samples = _samples({"shards": [{"url": str(path), "name": s["name"]}]})
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for smp in samples:
+                key = smp["json"]["key"]
+                members = {f"{key}.json": json.dumps(smp["json"]).encode()}
+                members.update({f"{key}.{k}.npy": encode_npy(v) for k, v in smp.items()
+                                if k not in ("json", "__shard__")})
+                for name, data in sorted(members.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    manifest["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="re-run preprocessing") as e:
+        load_manifest(str(out / "manifest.json"))
+    assert "\n" not in str(e.value)
+
+    cfg = copy.deepcopy(sample_dataset_cfg)
+    cfg.out = str(out)
+    if not cfg.cache_dir:
+        cfg.cache_dir = str(out / "cache")
+    main(cfg)
+    rep = json.loads((out / "report.json").read_text())
+    assert all(n == 0 for n in rep["extractor_calls"].values()), rep["extractor_calls"]
+    assert rep["decoded_frames"] == 0
+    assert (out / "manifest.json").read_bytes() == sample_dataset.read_bytes()
+    m = load_manifest(str(out / "manifest.json"))
+    batch = next(iter(TrainLoader(m, make_view("C", m["stats"], None, sequence_length=8), 2)))
+    assert batch["latents"].shape[:2] == (2, 8)
 
 
 def test_workers_shared_cache_and_vae_change(sample_videos_dir, tiny_models_cfg, tmp_path):

@@ -2,6 +2,7 @@
 
     dwm bench gpu=true [out=bench_out] [gpu_steps=5] [batch_c=1] [batch_b=4]
     dwm bench gpu=true dry_run=true   # the same code on the CPU, tiny models and sizes (CI)
+    dwm bench estimate_step=true      # no GPU: estimated full-size stage-C step time
 
 Figures (each the median over timed steps or repetitions, with its reference and ratio):
 
@@ -15,7 +16,7 @@ G3 preprocessing models: VAE-encode frames/s and DWpose frames/s (onnxruntime's 
 G4 the loader: stage-C samples/s against what the train step consumes.
 
 The train steps run through the real engine (``dwm.training.engine.run_stage``) on synthetic
-shards of the contract's shapes (``dwm.bench.loader.synth_shards``). Without the SVD
+shards of the contract's shapes (``dwm.bench.synthetic.synth_shards``). Without the SVD
 weights (``dwm models``) the UNet is SVD's architecture with random weights, saved once under
 ``out``: speed and memory do not depend on the weights' values. Without the DWpose files the
 tiny stand-in ONNX files are used and the figure says so (their speed means nothing).
@@ -46,17 +47,11 @@ from dwm.shared.errors import UserFacingError
 from dwm.shared.synthetic import dancer_pose, render_frame
 
 from .common import samples_dir
-from .loader import loader_seconds, make_loader, synth_shards
+from .loader import loader_seconds, make_loader
+from .synthetic import synth_shards
+from .memory import PEAK_BF16_TFLOPS
 from .report import Figure, Goal, Reference, Report, Section, median
 from .trainstep import run_config, step_means
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
-    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 6000 Ada": 364.2,
-}
-
 
 @dataclass
 class Sizes:

@@ -57,9 +57,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from dwm.datasets.views import batch_to_device, collate, make_view
+from dwm.datasets.views import NearestRows, batch_to_device, collate, make_view
 from dwm.shared import contract
 from dwm.shared.config import build_train_config
 from dwm.shared.tiny.models import TINY_UNET
@@ -69,7 +70,7 @@ from dwm.training.models.m2p import M2PEncoder
 from dwm.training.stages import get_stage
 from dwm.training.stages.stage_b import weighted_total
 
-from .loader import N_MELS, synth_sample
+from .synthetic import N_MELS, synth_sample
 
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
@@ -338,6 +339,9 @@ def make_batch(stage: str, cfg: Any, width: int, height: int, T: int, batch: int
         sample = synth_sample(i, frames, width, height, rng)
         meta = sample.pop("json")
         sample.pop("__key__")
+        # as decode_features hands them over: crops stored on reference frames, found by frame
+        sample["face_crop"] = NearestRows(sample["face_crop"], sample["face_crop_frames"],
+                                          "synthetic")
         items.append(view.build(meta, sample, rng, T if stage == "C" else None))
     return batch_to_device(collate(items), "cpu")
 
@@ -604,3 +608,33 @@ LEGEND = (
     "Gradient checkpointing 'on' is the engine's: every res, spatial and temporal block. The "
     "'what-if' row keeps the frozen weights in bf16, which the engine does not do."
 )
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 6000 Ada": 364.2,
+}
+
+
+# Where no GPU step was measured, its time is estimated: the FLOPs of one full-size step counted
+# on fake tensors (dwm.bench.memory runs the real step on shapes only; gradient checkpointing on,
+# so its recomputation counts as the work it is) at an assumed share of a datasheet peak.
+ESTIMATE_GPU = "H100 SXM"
+ESTIMATE_MFU = 0.4  # assumed utilisation of the bf16 peak by a UNet train step (0.3-0.5 typical)
+
+
+def estimate_step(stage: str = "C", width: int = 512, height: int = 896, T: int = 24,
+                  batch: int = 1, model_size: str = "full", gpu: str = ESTIMATE_GPU,
+                  mfu: float = ESTIMATE_MFU) -> dict[str, float | str]:
+    """Estimated seconds of one train step of ``stage`` on ``gpu`` (bf16, checkpointing on):
+    counted FLOPs / (datasheet peak x ``mfu``). About 40 s on a CPU at the full size."""
+    counter = FlopCounterMode(display=False)
+    stage_step_memory(stage, width, height, T, "bf16", True, batch, model_size=model_size,
+                      around_step=counter)
+    flops = float(counter.get_total_flops())
+    peak = PEAK_BF16_TFLOPS[gpu]
+    return {"flops": flops, "seconds": flops / (peak * 1e12 * mfu), "gpu": gpu, "mfu": mfu,
+            "peak_tflops": peak, "source": f"estimate: {flops / 1e12:.1f} TFLOP/step at {mfu:g} "
+                                         f"of {gpu} bf16 peak ({peak:g} TFLOP/s)"}

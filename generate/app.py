@@ -284,7 +284,7 @@ def build_page(app: DanceApp) -> Any:
                                    label="...or a bundled beat track (when no song is uploaded)")
                 with gr.Row():
                     seed = gr.Number(value=cfg.seed, precision=0, label="Seed")
-                    seconds = gr.Slider(1, max(cfg.longest_seconds, cfg.max_seconds),
+                    seconds = gr.Slider(0.5, max(cfg.longest_seconds, cfg.max_seconds),
                                         value=cfg.max_seconds, step=0.5,
                                         label="Length (seconds)")
                 with gr.Row():

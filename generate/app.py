@@ -199,8 +199,7 @@ class DanceApp:
                     update = self._preview(value, out, music, photo, settings.seed)
                     update.message = (f"Preview after {time.perf_counter() - started:.1f} s. " + (
                         "Rendering the video..." if self.pipe.has_video else STAGE_A_NOTE))
-                    yield update
-                    progress(0.5, "rendering the video")
+                    yield update  # the pipeline's own progress bars show on the page from here
                     continue
                 result: DanceOutput = value
                 if result.frames is None:

@@ -22,7 +22,9 @@ import itertools
 import os
 import queue
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -274,9 +276,9 @@ def build_page(app: DanceApp) -> Any:
             with gr.Column(scale=1):
                 with gr.Row():
                     photo = gr.File(label="Photo of the dancer", type="filepath", height=180,
-                                    elem_id="photo")
+                                    elem_id="photo", scale=3)
                     photo_view = gr.Image(label="The photo", interactive=False, height=180,
-                                          show_label=False, container=False)
+                                          show_label=False, container=False, scale=2)
                 song = gr.File(label="Song (wav, mp3, ogg, m4a, or a video)", type="filepath",
                                height=150, elem_id="song")
                 beat = gr.Dropdown(choices=list(app.beats), value=next(iter(app.beats)),
@@ -307,7 +309,7 @@ def build_page(app: DanceApp) -> Any:
                     video = gr.Video(label="The dance, with the song", autoplay=True,
                                      interactive=False, height=420)
                 poses = gr.File(label="Poses (JSON: OpenPose-18 keypoints per frame)",
-                                interactive=False, height=110)
+                                interactive=False, height=110, elem_id="poses")
 
         def dance(photo_path, song_path, beat_label, seed_value, steps_value, seconds_value,
                   from_photo_value, progress=gr.Progress(track_tqdm=True)):
@@ -389,6 +391,8 @@ def start(cfg: C.AppConfig, pipe: DancePipeline | None = None) -> RunningApp:
 
 def main(cfg: C.AppConfig) -> int:
     running = start(cfg)
+    # a service manager's or `kill`'s stop is a clean exit too: the temporary folder goes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         kind = "poses and video" if running.app.pipe.has_video else \
             "poses only (a stage-A checkpoint)"

@@ -268,7 +268,6 @@ class AppConfig:
     window: int = 24
     overlap: int = 6
     max_upload_mb: int = 200  # larger uploads are refused by the server
-    quiet: bool = False  # no progress bars on the console
     models: ModelsConfig = field(default_factory=ModelsConfig)
 
 

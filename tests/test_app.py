@@ -30,8 +30,8 @@ BEAT = A.BEAT_TRACKS[1][0]
 
 
 def app_config(ckpt: Path, models: C.ModelsConfig) -> C.AppConfig:
-    return C.AppConfig(ckpt=str(ckpt), port=0, fps=FPS, resolution="64x128", steps=1,
-                       window=12, overlap=4, max_seconds=SECONDS, quiet=True, models=models)
+    return C.AppConfig(ckpt=str(ckpt), port=0, seed=42, fps=FPS, resolution="64x128", steps=1,
+                       window=12, overlap=4, max_seconds=SECONDS, models=models)
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +168,14 @@ def test_page_in_headless_chromium_uploads_dances_and_shows_both_videos(
     browser = Chromium(tmp_path / "profile")
     try:
         browser.open(video_app.url)
-        # the upload widgets: the photo's and the song's file inputs
-        browser.wait_for("document.querySelectorAll('input[type=file]').length == 2")
-        page = browser.js("document.body.innerText")
+        # the upload widgets (the photo's and the song's file inputs) and the buttons
+        browser.wait_for("document.querySelectorAll('input[type=file]').length == 2 && "
+                         "!!document.querySelector('#dance') && "
+                         "!!document.querySelector('#another-seed')")
+        page = browser.wait_for("document.body.innerText.includes('Another seed') && "
+                                "document.body.innerText")
         for text in ("Photo of the dancer", "Song (wav", "bundled beat track", "Seed",
-                     "Pose steps", "Length (seconds)", "Start from the photo", "Dance",
-                     "Another seed"):
+                     "Pose steps", "Length (seconds)", "Start from the photo", "Dance"):
             assert text in page, text
         browser.upload("#photo input[type=file]", dance_face)
         browser.upload("#song input[type=file]", music_ogg)
@@ -187,6 +189,11 @@ def test_page_in_headless_chromium_uploads_dances_and_shows_both_videos(
         assert status.startswith("Done: 12 frames")
         assert browser.js("document.querySelectorAll('video').length") == 2
         assert browser.js("document.querySelector('#poses').innerHTML.includes('dance_poses')")
+        # "Another seed": the next seed, the same photo and song
+        browser.js("document.querySelector('#another-seed').click()")
+        status = browser.wait_for(f"{text_of('#status')}.includes('seed 43') && "
+                                  f"{text_of('#status')}", timeout=240)
+        assert status.startswith("Done: 12 frames")
         time.sleep(1.0)  # the videos' first frames
         shot = browser.screenshot(tmp_path / "app_screenshot.png")
     finally:

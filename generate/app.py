@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import importlib
 import itertools
+import json
 import os
 import queue
 import shutil
@@ -198,7 +199,7 @@ class DanceApp:
                 if kind == "error":
                     raise value
                 if kind == "poses":
-                    update = self._preview(value, out, music, photo, settings.seed)
+                    update = self._preview(value, out, music, photo, settings.seed, names)
                     update.message = (f"Preview after {time.perf_counter() - started:.1f} s. " + (
                         "Rendering the video..." if self.pipe.has_video else STAGE_A_NOTE))
                     yield update  # the pipeline's own progress bars show on the page from here
@@ -223,10 +224,18 @@ class DanceApp:
         finally:
             self._prune_runs()
 
-    def _preview(self, poses: DanceOutput, out: Path, music: str, photo: str,
-                 seed: int) -> PageUpdate:
+    def _preview(self, poses: DanceOutput, out: Path, music: str, photo: str, seed: int,
+                 names: dict[str, str]) -> PageUpdate:
+        """The skeleton over the photo and the poses JSON, which names the files as the person
+        chose them (not the server's upload folders)."""
         write_outputs(dataclasses.replace(poses, frames=None), out, music, photo, seed)
-        return PageUpdate(preview=str(skeleton_path(out)), poses=str(poses_path(out)))
+        doc_path = poses_path(out)
+        doc = json.loads(doc_path.read_text())
+        doc["music"], doc["reference_image"] = names.get(music, ""), names.get(photo, "")
+        tmp = doc_path.with_name(doc_path.name + ".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(doc_path)
+        return PageUpdate(preview=str(skeleton_path(out)), poses=str(doc_path))
 
     def _new_run_dir(self) -> Path:
         path = self.runs_dir / f"run-{next(self._run_ids):05d}"

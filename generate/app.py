@@ -343,15 +343,53 @@ def build_page(app: DanceApp) -> Any:
 # ---------------------------------------------------------------------------------------------
 # serving
 # ---------------------------------------------------------------------------------------------
+class UploadFolder:
+    """Gradio's upload folder (``GRADIO_TEMP_DIR``), where uploads land and from which it
+    serves files. Gradio reads it from the environment whenever it checks a file, so every
+    server of a process shares one (``UPLOADS``): the first server creates it, the last one to
+    stop deletes it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path: Path | None = None
+        self._users = 0
+        self._previous: str | None = None
+
+    def acquire(self) -> Path:
+        with self._lock:
+            if self._path is None:
+                self._path = Path(tempfile.mkdtemp(prefix="dwm-app-"))
+                self._previous = os.environ.get("GRADIO_TEMP_DIR")
+                os.environ["GRADIO_TEMP_DIR"] = str(self._path)
+            self._users += 1
+            return self._path
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._path is None:
+                return
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
+            if self._previous is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = self._previous
+
+
+UPLOADS = UploadFolder()
+
+
 @dataclass
 class RunningApp:
-    """A started server: its URL, and ``close()`` to stop it and delete its temporary folder."""
+    """A started server: its URL, and ``close()`` to stop it and delete its temporary folder
+    (results, beat tracks; the uploads with the process's last server)."""
 
     url: str
     page: Any
     app: DanceApp | None
-    work_dir: Path
-    previous_temp_dir: str | None = None
+    work_dir: Path  # this server's results and beat tracks
+    upload_dir: Path  # the uploads (shared by the servers of this process)
 
     def close(self) -> None:
         try:
@@ -359,10 +397,7 @@ class RunningApp:
                 self.page.close()
         finally:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-            if self.previous_temp_dir is None:
-                os.environ.pop("GRADIO_TEMP_DIR", None)
-            else:
-                os.environ["GRADIO_TEMP_DIR"] = self.previous_temp_dir
+            UPLOADS.release()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -378,24 +413,25 @@ def start(cfg: C.AppConfig, pipe: DancePipeline | None = None) -> RunningApp:
                                                  pose_backend=cfg.pose_backend,
                                                  device=cfg.device, dtype=cfg.dtype,
                                                  show_progress=True)
-    work_dir = Path(tempfile.mkdtemp(prefix="dwm-app-"))
-    previous_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
-    # uploads land here too (gradio's cache folder): one folder to delete when the server stops
-    os.environ["GRADIO_TEMP_DIR"] = str(work_dir)
+    upload_dir = UPLOADS.acquire()
+    # inside the upload folder: gradio serves the results from there without copying them
+    work_dir = Path(tempfile.mkdtemp(prefix="server-", dir=upload_dir))
+    running = RunningApp("", None, None, work_dir, upload_dir)
     try:
-        app = DanceApp(pipe, cfg, work_dir)
-        page = build_page(app)
-        page.queue(default_concurrency_limit=1)
-        _, url, _ = page.launch(server_name=cfg.host, server_port=cfg.port or free_port(cfg.host),
-                                share=False, inbrowser=False, prevent_thread_lock=True,
-                                quiet=True, show_error=False, ssr_mode=False, mcp_server=False,
-                                enable_monitoring=False, pwa=False,
-                                max_file_size=f"{int(cfg.max_upload_mb)}mb",
-                                footer_links=["api", "settings"], theme=gr.themes.Default())
+        running.app = DanceApp(pipe, cfg, work_dir)
+        running.page = build_page(running.app)
+        running.page.queue(default_concurrency_limit=1)
+        _, url, _ = running.page.launch(
+            server_name=cfg.host, server_port=cfg.port or free_port(cfg.host), share=False,
+            inbrowser=False, prevent_thread_lock=True, quiet=True, show_error=False,
+            ssr_mode=False, mcp_server=False, enable_monitoring=False, pwa=False,
+            max_file_size=f"{int(cfg.max_upload_mb)}mb", footer_links=["api", "settings"],
+            theme=gr.themes.Default())
     except BaseException:
-        RunningApp("", None, None, work_dir, previous_temp_dir).close()
+        running.close()
         raise
-    return RunningApp(str(url), page, app, work_dir, previous_temp_dir)
+    running.url = str(url)
+    return running
 
 
 def main(cfg: C.AppConfig) -> int:

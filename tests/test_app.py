@@ -145,7 +145,7 @@ def test_bad_input_shows_the_cli_sentence_and_the_next_request_works(
         assert message == f"Error: {expected}" and "\n" not in message
     assert "no person found" in cli_sentence(stage_a_app, music_ogg, wall)
     # uploads land in the server's temporary folder (deleted when it stops)
-    assert list(stage_a_app.work_dir.rglob("wall.png"))
+    assert list(stage_a_app.upload_dir.rglob("wall.png"))
 
     # the server goes on serving: a stage-A checkpoint gives the preview and the poses
     outputs = dance(client, dance_face, None, seed=3)
@@ -159,10 +159,23 @@ def test_server_stops_and_deletes_its_temporary_folder(tiny_models_cfg, tmp_path
     ckpt = build_tiny_final(tiny_models_cfg, tmp_path / "final", video=False)
     running = A.start(app_config(ckpt, tiny_models_cfg))
     assert (running.work_dir / "beats").is_dir()
+    assert running.work_dir.parent == running.upload_dir  # results are served from there
     running.close()
     assert not running.work_dir.exists()
     with pytest.raises(Exception):
         Client(running.url, verbose=False)
+
+
+def test_the_last_server_to_stop_deletes_the_uploads():
+    uploads = A.UploadFolder()  # what the servers of one process share
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    folder = uploads.acquire()
+    assert uploads.acquire() == folder and os.environ["GRADIO_TEMP_DIR"] == str(folder)
+    (folder / "photo.png").write_bytes(b"an upload")
+    uploads.release()
+    assert folder.is_dir()  # one server still runs
+    uploads.release()
+    assert not folder.exists() and os.environ.get("GRADIO_TEMP_DIR") == before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,16 +8,19 @@ reported as a ratio to it, with its goal marked met or missed:
 2. preprocessing: each extractor alone and the whole pipeline, against (1); goal: with the model
    extractors off the pipeline runs at >= 0.8 of decoding alone
 3. cache reuse: a second preprocess of unchanged input against the first; goal <= 0.02
-4. loader: stage-C samples/s from shards against raw reads of the same bytes (goal >= 0.8) and
-   against the anchors' way (decode + VAE-encode + render pose every step; goal >= 20x);
-   stage-A windows/s and stage-B pairs/s
+4. loader: stage-C samples/s from shards against what one GPU's full-size step consumes
+   (``gpu_step_ms=`` measured on a GPU, else bench/gpu.py's estimate; goal >= 2x), against
+   20 samples/s on 2 cores and against decode + VAE + render per step, what a loader without a
+   feature cache does (goal >= 20x); stage-A windows/s and stage-B pairs/s (goal >= 100/s each)
 5. train step per stage (tiny): data-wait / forward / backward / optimiser; goal: data-wait
    <= 2% of the step
-6. storage: cache and shard bytes per frame per feature against float32 .npy and the source mp4
+6. storage: shard bytes per frame at 512x896 against the fp16 latents' bytes (goal <= 1.25) and
+   the source mp4, per member against the plain .npy; cache bytes per frame per extractor
 
 Where a figure misses its goal, it is run once more under cProfile and the top functions go into
-the report. ``quick=true`` makes every section tiny (the test runs it). ``bench/gpu.py`` at the
-repository root is the GPU counterpart (same table format).
+the report. ``quick=true`` makes every section tiny (the test runs it). ``gpu=true`` runs the
+GPU sections instead (:mod:`.gpu`, same table format); ``estimate_memory=true`` prints the
+estimated train-step memory (:mod:`.memory`) and stops.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from collections.abc import Callable
 
 from dwm.shared.config import BenchConfig, to_dict
 
+from . import gpu
+from .common import Bench, set_threads
+from .data import section_decode, section_preprocess, section_storage
+from .loader import section_loader
+from .memory import estimate_step, memory_table
 from .report import Figure, Goal, Reference, Report, Section, check_report
+from .trainstep import section_train
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +68,16 @@ def _run(sec: Section, fn: Callable[[], None]) -> None:
 
 
 def main(cfg: BenchConfig) -> int:
-    from .common import Bench, set_threads
-    from .data import section_decode, section_preprocess, section_storage
-
-    def section_loader(bench, sec):  # imported when asked for
-        from .loader import section_loader as run
-
-        run(bench, sec)
-
-    def section_train(bench, sec):
-        from .trainstep import section_train as run
-
-        run(bench, sec)
-
+    if cfg.estimate_memory:
+        print(memory_table(width=gpu.FULL.width, height=gpu.FULL.height, batch=cfg.batch_c))
+        return 0
+    if cfg.estimate_step:
+        est = estimate_step(batch=cfg.batch_c)
+        print(f"stage-C step, 512x896, T=24, batch {cfg.batch_c}: {est['seconds'] * 1000:.0f} ms "
+              f"({est['source']}); {cfg.batch_c / est['seconds']:.2f} samples/s per GPU")
+        return 0
+    if cfg.gpu:
+        return gpu.main(cfg)
     t0 = time.perf_counter()
     bench = Bench.create(cfg)
     set_threads(bench.threads)

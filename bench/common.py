@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import torch
+
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import BenchConfig, PreprocessConfig, build_preprocess_config
 
@@ -22,9 +25,6 @@ def samples_dir() -> Path:
 
 
 def set_threads(n: int) -> None:
-    import cv2
-    import torch
-
     torch.set_num_threads(max(1, n))
     cv2.setNumThreads(max(1, n))
 

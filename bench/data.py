@@ -11,14 +11,20 @@ import contextlib
 import io
 import json
 import shutil
-import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
+from dwm.preprocess import run as preprocess_run
+from dwm.preprocess.decode import SegmentReader, centre_crop_box, crop, make_plan
+from dwm.preprocess.probe import probe_file
+from dwm.shared import contract
 from dwm.shared.config import DecodeConfig, PreprocessConfig
+from dwm.shared.shards import load_manifest
 
 from .common import Bench
 from .report import Figure, Goal, Reference, Section, median
@@ -36,9 +42,6 @@ WHOLE = list(EXTRACTORS)
 def decode_frames(video: str, dcfg: DecodeConfig, probe=None) -> Callable[[], int]:
     """A function that decodes the video as the pipeline does (aspect-kept decode + centre crop,
     sequential, segment by segment) and returns the number of frames."""
-    from dwm.preprocess.decode import SegmentReader, centre_crop_box, crop, make_plan
-    from dwm.preprocess.probe import probe_file
-
     probe = probe or probe_file(video)
     plan = make_plan(probe, dcfg)
 
@@ -58,10 +61,6 @@ def decode_frames(video: str, dcfg: DecodeConfig, probe=None) -> Callable[[], in
 
 def run_preprocess(pcfg: PreprocessConfig, fresh: bool = True) -> tuple[float, dict[str, Any]]:
     """(wall seconds, report.json) of one ``dwm preprocess`` run, in-process."""
-    import time
-
-    from dwm.preprocess import run as preprocess_run
-
     if fresh:
         shutil.rmtree(pcfg.out, ignore_errors=True)
     t = time.perf_counter()
@@ -94,8 +93,6 @@ def _maybe_profile(bench: Bench, sec: Section, fig: Figure, fn: Callable[[], Any
 # 1. decode limit
 # ---------------------------------------------------------------------------------------------
 def section_decode(bench: Bench, sec: Section) -> None:
-    from dwm.preprocess.probe import probe_file
-
     probe = probe_file(str(bench.video))
     fps_src = float(probe.orig_fps)
     realtime = Reference("real time (video fps)", fps_src, "frames/s")
@@ -115,7 +112,7 @@ def section_decode(bench: Bench, sec: Section) -> None:
         if seconds == bench.seconds:  # the reference of the model-extractor figures
             bench.decode_fps, bench.decode_inputs = median(fps), inputs
 
-    # the stage-C resolution (what the anchors decode each step, section 4b)
+    # the stage-C resolution (what decode + VAE + render per step decodes, section 4)
     pcfg = bench.preprocess_config(bench.out / "unused",
                                    **{"decode.max_seconds": bench.decode_seconds})
     big = DecodeConfig(fps=pcfg.decode.fps, width=512, height=896, segment_frames=150,
@@ -253,53 +250,96 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def npy_header_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
-    arr = np.load(io.BytesIO(data), allow_pickle=False, mmap_mode=None)
-    return arr.shape, arr.dtype
-
-
 def raw_f32_bytes(shape: tuple[int, ...]) -> int:
     """Bytes of the same array saved as float32 .npy (128-byte header)."""
     return int(np.prod(shape, dtype=np.int64)) * 4 + 128
 
 
+def shard_member_bytes(manifest: dict[str, Any]) -> dict[str, list[int]]:
+    """feature -> [stored member bytes, bytes of the same array as plain .npy], over every
+    shard of the manifest (the members as the tar holds them; .json and tar headers apart)."""
+    from dwm.datasets import iter_tar_samples
+    from dwm.shared.shards import decode_sample
+
+    out: dict[str, list[int]] = {}
+    for s in manifest["shards"]:
+        for raw in iter_tar_samples(s["url"]):
+            arrays = decode_sample(raw)
+            for member, data in raw.items():
+                if member.startswith("__") or member == "json":
+                    continue
+                name = member.split(".", 1)[0]
+                acc = out.setdefault(name, [0, 0])
+                acc[0] += len(data)
+                acc[1] += int(np.asarray(arrays[name]).nbytes) + 128
+    return out
+
+
+def storage_run(bench: Bench) -> Path:
+    """A whole-pipeline run at the stage-C size, 512x896 (quick: the quick size), for the
+    bytes-per-frame goal: the tiny profile's models (the tiny VAE's latents have the same shape
+    and dtype as TAESD's, and are stored raw), mediapipe pose, the bench's seconds."""
+    if bench.quick:
+        assert bench.full_run is not None
+        return bench.full_run
+    pcfg = bench.preprocess_config(bench.out / "work" / "storage_512x896", WHOLE,
+                                   **{"decode.width": 512, "decode.height": 896, "models.vae": ""})
+    run_preprocess(pcfg)
+    return Path(pcfg.out)
+
+
 def section_storage(bench: Bench, sec: Section) -> None:
-    import zarr
-
-    from dwm.shared.shards import load_manifest
-
     if bench.full_run is None:
         raise RuntimeError("needs the whole-pipeline run of section 2")
+
+    # the goal: shard bytes per frame at the stage-C size against the fp16 latents' own bytes
+    big = storage_run(bench)
+    big_report = json.loads((big / "report.json").read_text())
+    big_frames = frames_of(big_report)
+    probe_frames = int(big_report["videos"][0].get("num_frames") or 0)
+    mp4_per_frame = bench.video.stat().st_size / max(1, probe_frames)
+    bcfg = big_report["config"]
+    w, h = bcfg["decode"]["width"], bcfg["decode"]["height"]
+    big_inputs = {"video": bench.video.name, "res": f"{w}x{h}", "frames": big_frames,
+                  "profile": "tiny", "pose": bcfg["pose"]["backend"], "extractors": WHOLE,
+                  "segment_frames": bcfg["decode"]["segment_frames"],
+                  "chunk_frames": bcfg["shards"]["chunk_frames"],
+                  "zstd_level": bcfg["shards"]["zstd_level"],
+                  "face_crop_every": bcfg["shards"]["face_crop_every"]}
+    latent_bytes = contract.LATENT_CHANNELS * (h // 8) * (w // 8) * 2  # fp16, one frame
+    big_manifest = load_manifest(str(big / "manifest.json"))
+    shard_bytes = sum(int(s["bytes"]) for s in big_manifest["shards"])
+    sec.add(Figure(f"shards at {w}x{h}, all members (tar)", shard_bytes / big_frames, "B/frame",
+                   Reference("fp16 latents of a frame (4 x h x w x 2 B)", latent_bytes,
+                             "B/frame"), Goal("<=", 1.25),
+                   {**big_inputs, "shards": len(big_manifest["shards"])}))
+    sec.add(Figure(f"shards at {w}x{h} vs the source mp4", shard_bytes / big_frames, "B/frame",
+                   Reference("source mp4", mp4_per_frame, "B/frame"), None, big_inputs))
+    big_cache = dir_bytes(Path(big_report.get("cache_dir") or big / "cache"))
+    sec.add(Figure(f"shards + cache at {w}x{h}", (shard_bytes + big_cache) / big_frames,
+                   "B/frame", Reference("source mp4", mp4_per_frame, "B/frame"), None,
+                   big_inputs))
+    for feat, (stored, raw) in sorted(shard_member_bytes(big_manifest).items(),
+                                      key=lambda kv: -kv[1][0]):
+        enc = contract.member_name(feat).split(".", 1)[1]
+        sec.add(Figure(f"shard at {w}x{h}: {feat} (.{enc})", stored / big_frames, "B/frame",
+                       Reference("same array as plain .npy", raw / big_frames, "B/frame"), None,
+                       big_inputs))
+
+    # the bench's whole-pipeline run (section 2's size): shards per feature, and the cache
     run = bench.full_run
     frames = bench.full_frames
     report = json.loads((run / "report.json").read_text())
-    probe_frames = int(report["videos"][0].get("num_frames") or 0)
-    mp4_per_frame = bench.video.stat().st_size / max(1, probe_frames)
     pcfg = report["config"]
     res = f"{pcfg['decode']['width']}x{pcfg['decode']['height']}"
     inputs = {"video": bench.video.name, "res": res,
               "frames": frames, "profile": "tiny", "extractors": WHOLE}
-
-    # shards: bytes of each feature's members (npy incl. header) per frame
     manifest = load_manifest(str(run / "manifest.json"))
-    per_feat: dict[str, list[int]] = {}  # name -> [stored bytes, raw f32 bytes]
-    shard_total = 0
-    for s in manifest["shards"]:
-        shard_total += int(s["bytes"])
-        with tarfile.open(s["url"]) as tar:
-            for m in tar.getmembers():
-                if not m.name.endswith(".npy"):
-                    continue
-                feat = m.name.split(".", 1)[1][: -len(".npy")]
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                shape, _ = npy_header_shape(data)
-                acc = per_feat.setdefault(feat, [0, 0])
-                acc[0] += len(data)
-                acc[1] += raw_f32_bytes(shape)
-    for feat, (stored, raw) in sorted(per_feat.items()):
+    for feat, (stored, raw) in sorted(shard_member_bytes(manifest).items()):
         sec.add(Figure(f"shard: {feat}", stored / frames, "B/frame",
-                       Reference("same array as float32 .npy", raw / frames, "B/frame"), None,
+                       Reference("same array as plain .npy", raw / frames, "B/frame"), None,
                        inputs))
+    shard_total = sum(int(s["bytes"]) for s in manifest["shards"])
     sec.add(Figure("shards, all features (tar)", shard_total / frames, "B/frame",
                    Reference("source mp4", mp4_per_frame, "B/frame"), None,
                    {**inputs, "shards": len(manifest["shards"])}))
@@ -319,6 +359,9 @@ def section_storage(bench: Bench, sec: Section) -> None:
                            {**inputs, "arrays": sorted(k for k, _ in g.arrays())}))
     sec.add(Figure("cache, all entries (Zarr + zstd)", cache_total / frames, "B/frame",
                    Reference("source mp4", mp4_per_frame, "B/frame"), None, inputs))
-    sec.notes.append(f"source mp4: {bench.video.stat().st_size:,} bytes / {probe_frames} frames. "
-                     "Shard members are uncompressed .npy (fp16 latents, uint8 heatmaps/masks); "
-                     "the cache stores the same arrays zstd-compressed in Zarr.")
+    sec.notes.append(
+        f"source mp4: {bench.video.stat().st_size:,} bytes / {probe_frames} frames. Shard "
+        "members are stored as the contract declares (shared/contract.py): latents and ArcFace "
+        "embeddings raw .npy (memory-mapped), the rest zstd-compressed .npy chunks (per-frame "
+        "arrays every chunk_frames frames, face crops one per reference-candidate frame); the "
+        "cache stores every array zstd-compressed in Zarr, face crops on every frame.")

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
-"""GPU bench of dance-with-music: the numbers a GPU run needs, in the same table as ``dwm bench``.
+"""``dwm bench gpu=true``: the numbers a GPU run needs, in the same table as the CPU sections.
 
-    python bench/gpu.py [--out bench_gpu_out] [--steps 5] [--batch-c 1] [--batch-b 4]
-    python bench/gpu.py --dry-run        # the same code on the CPU, tiny models and sizes (CI)
-    python bench/gpu.py --estimate-memory  # no GPU: estimated step memory (Markdown table)
+    dwm bench gpu=true [out=bench_out] [gpu_steps=5] [batch_c=1] [batch_b=4]
+    dwm bench gpu=true dry_run=true   # the same code on the CPU, tiny models and sizes (CI)
+    dwm bench estimate_step=true      # no GPU: estimated full-size stage-C step time
 
 Figures (each the median over timed steps or repetitions, with its reference and ratio):
 
@@ -17,37 +16,42 @@ G3 preprocessing models: VAE-encode frames/s and DWpose frames/s (onnxruntime's 
 G4 the loader: stage-C samples/s against what the train step consumes.
 
 The train steps run through the real engine (``dwm.training.engine.run_stage``) on synthetic
-shards of the contract's shapes (``dwm.bench.loader.synth_shards``). Without the SVD
+shards of the contract's shapes (``dwm.bench.synthetic.synth_shards``). Without the SVD
 weights (``dwm models``) the UNet is SVD's architecture with random weights, saved once under
-``--out``: speed and memory do not depend on the weights' values. Without the DWpose files the
+``out``: speed and memory do not depend on the weights' values. Without the DWpose files the
 tiny stand-in ONNX files are used and the figure says so (their speed means nothing).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import dataclasses
 import os
 import resource
-import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import decord
 import numpy as np
+import onnxruntime as ort
 import torch
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from torch.utils.flop_counter import FlopCounterMode
 
-from dwm.shared.config import ModelsConfig, TrainConfig, build_preprocess_config, build_train_config
-from dwm.bench.report import Figure, Goal, Reference, Report, Section, median
+from dwm.preprocess.extractors import REGISTRY, FrameBatch, VideoContext
+from dwm.shared import vae as vae_io, weights
+from dwm.shared.config import (BenchConfig, ModelsConfig, TrainConfig, build_preprocess_config,
+                               build_train_config, to_dict)
+from dwm.shared.errors import UserFacingError
+from dwm.shared.synthetic import dancer_pose, render_frame
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
-    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 6000 Ada": 364.2,
-}
-
+from .common import samples_dir
+from .loader import loader_seconds, make_loader
+from .synthetic import synth_shards
+from .memory import PEAK_BF16_TFLOPS
+from .report import Figure, Goal, Reference, Report, Section, median
+from .trainstep import run_config, step_means
 
 @dataclass
 class Sizes:
@@ -64,23 +68,6 @@ class Sizes:
 
 FULL = Sizes(512, 896, 24, 48, 8, 5, 2, 48, 48)
 DRY = Sizes(128, 256, 2, 8, 2, 1, 0, 4, 4)  # one step, no warm-up
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny models, tiny sizes")
-    p.add_argument("--out", default="bench_gpu_out")
-    p.add_argument("--steps", type=int, default=0, help="timed train steps (0: 5, dry run 2)")
-    p.add_argument("--batch-c", type=int, default=1, help="stage-C batch (clips of T frames)")
-    p.add_argument("--batch-b", type=int, default=4, help="stage-B batch (frames)")
-    p.add_argument("--workers", type=int, default=-1, help="loader workers (-1: TrainConfig's)")
-    p.add_argument("--models-dir", default="models", help="where `dwm models` put the weights")
-    p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="the GPU's dense bf16 peak, when it is not in the built-in table")
-    p.add_argument("--estimate-memory", action="store_true",
-                   help="no GPU needed: estimated peak memory of stage-C/B steps at 512x896 on "
-                        "fake tensors (dwm.bench.memory), as a Markdown table")
-    return p.parse_args(argv)
 
 
 def peak_tflops(name: str, override: float) -> float | None:
@@ -131,26 +118,24 @@ def device_memory_gb(device: str) -> float:
 
 # ---------------------------------------------------------------------------------------------
 class GpuBench:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.dry = bool(args.dry_run)
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self.dry = bool(cfg.dry_run)
         self.device = "cpu" if self.dry else "cuda"
         self.sz = DRY if self.dry else FULL
-        if args.steps > 0:
-            self.sz.steps = args.steps
-        self.out = Path(args.out).resolve()
+        if cfg.gpu_steps > 0:
+            self.sz = dataclasses.replace(self.sz, steps=cfg.gpu_steps)
+        self.out = Path(cfg.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.workers = TrainConfig().num_workers if args.workers < 0 else args.workers
+        self.workers = TrainConfig().num_workers if cfg.workers < 0 else cfg.workers
         self.models = ModelsConfig(profile="tiny" if self.dry else "full",
                                    models_dir=str(self.out / "models") if self.dry
-                                   else args.models_dir)
+                                   else cfg.models_dir)
         self.unet_note = ""
         self.step_c: dict[str, dict[str, float]] = {}
 
     # -- inputs -------------------------------------------------------------------------------
     def shards(self):
-        from dwm.bench.loader import synth_shards
-
         if not hasattr(self, "_shards"):
             s = self.sz
             self._shards = synth_shards(self.out / "shards", s.samples, s.frames, s.width,
@@ -158,20 +143,16 @@ class GpuBench:
         return self._shards
 
     def unet_override(self) -> str:
-        """'' when the registry has the UNet; else a folder with SVD's UNet, random weights."""
-        from dwm.shared import registry
-
+        """'' when SVD's UNet weights are here; else a folder with SVD's UNet, random weights."""
         if self.dry:
             return ""
         try:
-            registry.ensure_available(self.models, ["unet"])
-            self.unet_note = "SVD UNet weights from the registry"
+            weights.ensure_available(self.models, ["unet"])
+            self.unet_note = "SVD UNet weights (models_dir)"
             return ""
-        except registry.MissingWeightError:
+        except weights.MissingWeightError:
             folder = self.out / "random_svd_unet"
             if not (folder / "config.json").is_file():
-                from diffusers import UNetSpatioTemporalConditionModel
-
                 UNetSpatioTemporalConditionModel().save_pretrained(folder)  # SVD's defaults
             self.unet_note = ("SVD weights not found: SVD's UNet architecture with random "
                               f"weights ({folder}); speed and memory do not depend on the values")
@@ -205,8 +186,6 @@ class GpuBench:
 
     # -- G1 / G2: train steps -----------------------------------------------------------------
     def timed_stage(self, stage: str, batch: int, ckpt: bool) -> dict[str, float]:
-        from dwm.bench.trainstep import run_config, step_means
-
         out = self.out / "train" / f"{stage}-ckpt{int(ckpt)}"
         cfg = self.train_cfg(stage, batch, ckpt, out, self.sz.warm + self.sz.steps)
         reset_peak(self.device)
@@ -216,10 +195,6 @@ class GpuBench:
         return means
 
     def count_flops(self, stage: str, batch: int) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from dwm.bench.trainstep import run_config
-
         cfg = self.train_cfg(stage, batch, False, self.out / "train" / f"{stage}-flops", 1)
         with FlopCounterMode(display=False) as fc:
             run_config(cfg, stage, 1)
@@ -228,22 +203,22 @@ class GpuBench:
     def section_train(self, sec: Section, secb: Section) -> None:
         s = self.sz
         dev_name = torch.cuda.get_device_name(0) if self.device == "cuda" else "CPU"
-        peak = peak_tflops(dev_name, self.args.peak_tflops) if not self.dry else None
+        peak = peak_tflops(dev_name, self.cfg.peak_tflops) if not self.dry else None
         mm_dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         mm = matmul_tflops(self.device, mm_dtype, 8192 if self.device == "cuda" else 512)
         mm_name = f"dense {'bf16' if mm_dtype == torch.bfloat16 else 'fp32'} matmul, measured"
-        base = self.inputs(T=s.T, batch=self.args.batch_c, timed_steps=s.steps, warmup=s.warm)
+        base = self.inputs(T=s.T, batch=self.cfg.batch_c, timed_steps=s.steps, warmup=s.warm)
         for ckpt in (False, True):
             try:
                 key = "on" if ckpt else "off"
-                self.step_c[key] = self.timed_stage("C", self.args.batch_c, ckpt)
+                self.step_c[key] = self.timed_stage("C", self.cfg.batch_c, ckpt)
             except torch.cuda.OutOfMemoryError as e:
                 sec.notes.append(f"checkpointing {key}: out of memory ({e})"[:300])
         if self.unet_note:
             sec.notes.append(self.unet_note)
         if not self.step_c:
             raise RuntimeError("stage C did not fit in memory with checkpointing on or off")
-        flops = self.count_flops("C", self.args.batch_c)
+        flops = self.count_flops("C", self.cfg.batch_c)
         sec.notes.append(f"one stage-C step = {flops / 1e12:.3f} TFLOP (FlopCounterMode, "
                          "checkpointing off: recomputation is not counted)")
         mem = device_memory_gb(self.device)
@@ -271,10 +246,10 @@ class GpuBench:
                            Reference(f"{dev_name} bf16 dense peak (datasheet)", peak, "TFLOP/s"),
                            None, self.inputs()))
         elif not self.dry:
-            sec.notes.append(f"{dev_name}: bf16 peak unknown; give --peak-tflops")
+            sec.notes.append(f"{dev_name}: bf16 peak unknown; give peak_tflops=")
 
         # G2: stage B
-        batch_b = 1 if self.dry else self.args.batch_b
+        batch_b = 1 if self.dry else self.cfg.batch_b
         b = self.timed_stage("B", batch_b, False)
         ref_key = "off" if "off" in self.step_c else "on"
         inp = self.inputs(batch=batch_b, timed_steps=s.steps, warmup=s.warm,
@@ -291,33 +266,22 @@ class GpuBench:
     # -- G3: preprocessing models ---------------------------------------------------------------
     def frames(self, n: int, width: int, height: int) -> np.ndarray:
         """``n`` RGB frames: the sample video's, else the generated dancer."""
-        from dwm.bench.common import samples_dir
-
         video = samples_dir() / "dance_music.mp4"
         if video.is_file():
-            import decord
-
             vr = decord.VideoReader(str(video), width=width, height=height)
             return vr.get_batch(list(range(min(n, len(vr))))).asnumpy()
-        from dwm.shared.synthetic import dancer_pose, render_frame
-
         return np.stack([render_frame(dancer_pose(i / 24, 120, width, height), width, height)
                          for i in range(n)])
 
     def section_models(self, sec: Section) -> None:
-        from dwm.shared import registry
-        from dwm.bench.common import samples_dir
-
         s = self.sz
         frames = self.frames(s.vae_frames, s.width, s.height)
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         vaes = []
         try:
-            vaes.append(("VAE (registry: " + ("tiny" if self.dry else "SVD") + ")",
-                         registry.load_vae(self.models, device=self.device, dtype=dtype)[0]))
-        except registry.MissingWeightError:
-            from diffusers import AutoencoderKLTemporalDecoder
-
+            vaes.append(("VAE (" + ("tiny profile" if self.dry else "SVD") + ")",
+                         vae_io.load_vae(self.models, device=self.device, dtype=dtype)[0]))
+        except weights.MissingWeightError:
             vae = AutoencoderKLTemporalDecoder(  # SVD's VAE architecture, random weights
                 down_block_types=("DownEncoderBlock2D",) * 4,
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2)
@@ -325,15 +289,15 @@ class GpuBench:
                          vae.to(self.device, dtype).eval()))
         taesd = samples_dir() / "weights" / "taesd"
         if (taesd / "config.json").is_file():
-            vaes.append(("TAESD", registry.load_vae(ModelsConfig(vae=str(taesd)),
-                                                    device=self.device, dtype=dtype)[0]))
+            vaes.append(("TAESD", vae_io.load_vae(ModelsConfig(vae=str(taesd)),
+                                                  device=self.device, dtype=dtype)[0]))
         bs = 8 if self.device == "cuda" else 2
         for name, vae in vaes:
             with torch.inference_mode():
-                registry.encode_latents(vae, frames[:bs], batch_size=bs)  # warm-up
+                vae_io.encode_latents(vae, frames[:bs], batch_size=bs)  # warm-up
                 sync(self.device)
                 t = time.perf_counter()
-                registry.encode_latents(vae, frames, batch_size=bs)
+                vae_io.encode_latents(vae, frames, batch_size=bs)
                 sync(self.device)
             fps = len(frames) / (time.perf_counter() - t)
             sec.add(Figure(f"VAE encode: {name}", fps, "frames/s",
@@ -343,15 +307,11 @@ class GpuBench:
             del vae
 
         # DWpose through the pose extractor
-        import onnxruntime as ort
-
-        from dwm.preprocess.extractors import REGISTRY, FrameBatch, VideoContext
-
         stand_in = self.dry
         try:
-            registry.dwpose_paths(self.models)
+            weights.dwpose_paths(self.models)
             models = self.models
-        except registry.MissingWeightError:
+        except weights.MissingWeightError:
             models = ModelsConfig(profile="tiny", models_dir=str(self.out / "models"))
             stand_in = True
         pcfg = build_preprocess_config(["pose.backend=dwpose", f"device={self.device}",
@@ -383,13 +343,11 @@ class GpuBench:
 
     # -- G4: loader vs consumption --------------------------------------------------------------
     def section_loader(self, sec: Section) -> None:
-        from dwm.bench.loader import loader_seconds, make_loader
-
         s = self.sz
         if not self.step_c:
             raise RuntimeError("needs the stage-C step of G1")
         key = "on" if "on" in self.step_c else "off"
-        consume = self.args.batch_c / (self.step_c[key]["step"] / 1000)
+        consume = self.cfg.batch_c / (self.step_c[key]["step"] / 1000)
         rates = []
         for _ in range(2 if self.dry else 3):
             dt, n = loader_seconds(make_loader(self.shards(), "C", self.workers, seq_len=s.T),
@@ -413,23 +371,18 @@ def run_section(sec: Section, fn) -> None:
     sec.seconds = time.perf_counter() - t
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.estimate_memory:
-        from dwm.bench.memory import memory_table
-
-        print(memory_table(width=FULL.width, height=FULL.height, batch=args.batch_c))
-        return 0
-    if not args.dry_run and not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device here; use --dry-run for the CPU check", file=sys.stderr)
-        return 2
+def main(cfg: BenchConfig) -> int:
+    """Sections G1-G4 into ``<out>/bench_gpu.md`` and ``.json``; 1 when a section failed."""
+    if not cfg.dry_run and not torch.cuda.is_available():
+        raise UserFacingError("gpu=true: no CUDA device here; dry_run=true runs the same code "
+                              "on the CPU")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    gb = GpuBench(args)
+    gb = GpuBench(cfg)
     if gb.dry:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     report = Report("dwm GPU bench" + (" (dry run: CPU, tiny models and sizes)" if gb.dry else ""),
-                    vars(args))
+                    to_dict(cfg))
     g1 = report.section("G1", "stage-C train step")
     g2 = report.section("G2", "stage-B train step")
     g3 = report.section("G3", "preprocessing models")
@@ -444,8 +397,3 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown())
     print(f"[gpu bench] wrote {md} and {js}")
     return 1 if report.summary()["errors"] else 0
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())

@@ -31,7 +31,7 @@ the allocator), cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation a
 (``memory_reserved`` runs ~5-15 % above ``max_memory_allocated``), and the data loader's pinned
 host memory. Compare the peak with ``torch.cuda.max_memory_allocated()``.
 
-``python bench/gpu.py --estimate-memory`` prints :func:`memory_table`. Gradient checkpointing is
+``dwm bench estimate_memory=true`` prints :func:`memory_table`. Gradient checkpointing is
 the engine's (:meth:`DanceModel.enable_gradient_checkpointing`, which also checkpoints the
 temporal transformer blocks that diffusers' SVD checkpointing leaves out). One *what-if* (not
 what the engine does) shows a further lever: ``frozen_weights="bf16"``.
@@ -51,9 +51,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
+from diffusers import UNetSpatioTemporalConditionModel
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from dwm.datasets.views import NearestRows, batch_to_device, collate, make_view
+from dwm.shared import contract
+from dwm.shared.config import build_train_config
+from dwm.shared.tiny.models import TINY_UNET
+from dwm.training.models.animator import build_video_components, install_wiring
+from dwm.training.models.dance_model import DanceModel
+from dwm.training.models.m2p import M2PEncoder
+from dwm.training.stages import get_stage
+from dwm.training.stages.stage_b import weighted_total
+
+from .synthetic import N_MELS, synth_sample
 
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
@@ -146,8 +163,6 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _is_fake(t: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor)
 
 
@@ -258,8 +273,6 @@ def cuda_autocast_rules() -> Iterator[None]:
 def unet_config(model_size: str) -> dict[str, Any]:
     """SVD-xt's UNet config (the diffusers class defaults) or the tiny profile's."""
     if model_size == "tiny":
-        from dwm.shared.tiny_models import TINY_UNET
-
         return dict(TINY_UNET)
     if model_size != "full":
         raise ValueError(f"unknown model size {model_size!r} (full or tiny)")
@@ -276,17 +289,9 @@ def build_model(cfg: Any, stage: str, latent_hw: tuple[int, int], fake_mode: Any
     memory is touched); otherwise real, randomly initialised CPU weights.
     ``frozen_dtype``: a what-if -- keep the frozen
     weights in this dtype (e.g. bf16) instead of fp32 master weights."""
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    from dwm.training.models.animator import build_video_components, install_wiring
-    from dwm.training.models.dance_model import DanceModel
-    from dwm.training.models.m2p import M2PEncoder
-
     ucfg = unet_config(cfg.model_size) if unet_cfg is None else unet_cfg
     ctx = contextlib.nullcontext()
     if fake_mode is not None:
-        from accelerate import init_empty_weights
-
         ctx = init_empty_weights(include_buffers=True)
     with ctx:
         unet = UNetSpatioTemporalConditionModel(**ucfg)
@@ -325,10 +330,6 @@ def make_batch(stage: str, cfg: Any, width: int, height: int, T: int, batch: int
                seed: int = 0) -> dict[str, Any]:
     """A real batch of the stage's view (CPU tensors, as ``batch_to_device`` leaves them), from
     synthetic samples with every contract feature at ``width x height``."""
-    from dwm.datasets.views import batch_to_device, collate, make_view
-
-    from .loader import N_MELS, synth_sample
-
     rng = np.random.default_rng(seed)
     frames = max(T, 2 * int(getattr(cfg, "min_ref_gap", 12)) + 1) if stage == "B" else T + 1
     view = make_view(stage, None, cfg, n_mels=N_MELS,
@@ -338,6 +339,9 @@ def make_batch(stage: str, cfg: Any, width: int, height: int, T: int, batch: int
         sample = synth_sample(i, frames, width, height, rng)
         meta = sample.pop("json")
         sample.pop("__key__")
+        # as decode_features hands them over: crops stored on reference frames, found by frame
+        sample["face_crop"] = NearestRows(sample["face_crop"], sample["face_crop_frames"],
+                                          "synthetic")
         items.append(view.build(meta, sample, rng, T if stage == "C" else None))
     return batch_to_device(collate(items), "cpu")
 
@@ -397,8 +401,6 @@ def run_step(model: nn.Module, stage_obj: Any, batch: dict[str, Any], tracker: L
     """One steady-state engine step (forward under autocast, backward, clipping, AdamW) with
     ``tracker`` counting (``around_step``: a context entered around just the step, e.g. a
     profiler). Returns byte counts of the persistent parts."""
-    from dwm.training.stages.stage_b import weighted_total
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     for t in list(model.parameters()) + list(model.buffers()):
         tracker.track(t)
@@ -436,7 +438,7 @@ def run_step(model: nn.Module, stage_obj: Any, batch: dict[str, Any], tracker: L
             stage_obj.on_step_start(0, total)
             with autocast:
                 # the stage's loss terms and weighting; compute_loss adds only float() log values
-                terms = stage_obj._losses(model, batch, 0, total)
+                terms = stage_obj.loss_terms(model, batch, 0, total)
                 loss = weighted_total(stage_obj.cfg, terms)
             del terms
             tracker.phase("backward")
@@ -460,8 +462,6 @@ def run_step(model: nn.Module, stage_obj: Any, batch: dict[str, Any], tracker: L
 
 def train_config(stage: str, model_size: str, T: int, batch: int, dtype: str,
                  gradient_checkpointing: bool, overrides: list[str] | None = None) -> Any:
-    from dwm.shared.config import build_train_config
-
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(dtype, "no")
     ov = [f"model_size={model_size}", f"mixed_precision={mp}",
           f"gradient_checkpointing={str(bool(gradient_checkpointing)).lower()}",
@@ -476,11 +476,6 @@ def stage_step_memory(stage: str = "C", width: int = 512, height: int = 896, T: 
                       seed: int = 0, around_step: contextlib.AbstractContextManager | None = None,
                       frozen_weights: str = "fp32") -> tuple[MemoryEstimate, LiveBytes]:
     """Run one step (fake or real tensors) and count it; the estimate and the tracker."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from dwm.shared import contract
-    from dwm.training.stages import get_stage
-
     stage = stage.upper()
     if stage not in ("B", "C"):
         raise ValueError(f"stage must be B or C, got {stage!r}")
@@ -556,7 +551,7 @@ def estimate_stage_step_memory(stage: str = "C", width: int = 512, height: int =
 
 
 # ---------------------------------------------------------------------------------------------
-# the Markdown table of bench/gpu.py --estimate-memory
+# the Markdown table of `dwm bench estimate_memory=true`
 # ---------------------------------------------------------------------------------------------
 TABLE_HEAD = ("| stage | size | T | batch | dtype | grad ckpt | variant | optimizer | weights | "
               "grads | optimizer state | activations at peak | optimizer temps | peak (GiB) |\n"
@@ -594,8 +589,6 @@ def memory_table(cases: tuple[dict[str, Any], ...] = DEFAULT_CASES, width: int =
                  height: int = 896, batch: int = 1, dtype: str = "bf16",
                  model_size: str = "full", progress: bool = True) -> str:
     """Markdown table of :func:`estimate_stage_step_memory` over ``cases``, with a legend."""
-    from tqdm.auto import tqdm
-
     rows = [TABLE_HEAD]
     for case in tqdm(cases, desc="memory estimate", disable=not progress):
         rows.append(table_row(estimate_stage_step_memory(
@@ -615,3 +608,33 @@ LEGEND = (
     "Gradient checkpointing 'on' is the engine's: every res, spatial and temporal block. The "
     "'what-if' row keeps the frozen weights in bf16, which the engine does not do."
 )
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 6000 Ada": 364.2,
+}
+
+
+# Where no GPU step was measured, its time is estimated: the FLOPs of one full-size step counted
+# on fake tensors (dwm.bench.memory runs the real step on shapes only; gradient checkpointing on,
+# so its recomputation counts as the work it is) at an assumed share of a datasheet peak.
+ESTIMATE_GPU = "H100 SXM"
+ESTIMATE_MFU = 0.4  # assumed utilisation of the bf16 peak by a UNet train step (0.3-0.5 typical)
+
+
+def estimate_step(stage: str = "C", width: int = 512, height: int = 896, T: int = 24,
+                  batch: int = 1, model_size: str = "full", gpu: str = ESTIMATE_GPU,
+                  mfu: float = ESTIMATE_MFU) -> dict[str, float | str]:
+    """Estimated seconds of one train step of ``stage`` on ``gpu`` (bf16, checkpointing on):
+    counted FLOPs / (datasheet peak x ``mfu``). About 40 s on a CPU at the full size."""
+    counter = FlopCounterMode(display=False)
+    stage_step_memory(stage, width, height, T, "bf16", True, batch, model_size=model_size,
+                      around_step=counter)
+    flops = float(counter.get_total_flops())
+    peak = PEAK_BF16_TFLOPS[gpu]
+    return {"flops": flops, "seconds": flops / (peak * 1e12 * mfu), "gpu": gpu, "mfu": mfu,
+            "peak_tflops": peak, "source": f"estimate: {flops / 1e12:.1f} TFLOP/step at {mfu:g} "
+                                         f"of {gpu} bf16 peak ({peak:g} TFLOP/s)"}

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 FIGURE_KEYS = ("name", "value", "unit", "reference", "ratio", "goal", "met", "inputs")
 
@@ -138,19 +141,11 @@ def _cell(s: str) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    import os
-
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpus": os.cpu_count()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # pragma: no cover - torch is always installed here
-        pass
+                            "cpus": os.cpu_count(), "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 

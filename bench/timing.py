@@ -14,6 +14,7 @@ import os
 import pstats
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -37,8 +38,11 @@ def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, l
     return times
 
 
+_REPO = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/work/main/"):
+    for marker in ("site-packages/", _REPO):
         if marker in path:
             return path.split(marker, 1)[1]
     return os.path.basename(path) if path.startswith("/") else path

@@ -12,11 +12,20 @@ the four parts add up to the step; the per-step values are kept as the figure's 
 from __future__ import annotations
 
 import contextlib
+import cProfile
 import io
+import json
 import shutil
+import time
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dwm.datasets import TrainLoader, batch_to_device, make_view
 from dwm.shared.config import TrainConfig, build_train_config
+from dwm.shared.shards import load_manifest
+from dwm.training.engine import run_stage
+from dwm.training.stages import get_stage
 
 from .common import Bench
 from .loader import loader_seconds
@@ -29,8 +38,6 @@ STEPS_KEY = {"A": "stage_a_steps", "B": "stage_b_steps", "C": "stage_c_steps"}
 
 def read_perf(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     """``perf/<name>`` scalars of a run: name -> [(step, value)] in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     ea.Reload()
     out = {}
@@ -67,9 +74,6 @@ def run_steps(bench: Bench, stage: str, out: Path, steps: int, workers: int | No
 
 def run_config(cfg: TrainConfig, stage: str, steps: int):
     """``steps`` steps of ``stage`` through the engine (quietly); its StageResult."""
-    from dwm.training.engine import run_stage
-    from dwm.training.stages import get_stage
-
     with contextlib.redirect_stdout(io.StringIO()):
         return run_stage(get_stage(stage)(cfg), cfg, None, max_steps=steps, save_final=False)
 
@@ -134,8 +138,6 @@ def section_train(bench: Bench, sec: Section) -> None:
 
 def res_of(bench: Bench) -> str:
     """Frame size of the section-2 shards (from that run's report.json)."""
-    import json
-
     d = json.loads((bench.full_run / "report.json").read_text())["config"]["decode"]
     return f"{d['width']}x{d['height']}"
 
@@ -143,11 +145,6 @@ def res_of(bench: Bench) -> str:
 def profile_receive(loader, batches: int, step_s: float) -> list[str]:
     """cProfile of the engine's data clock alone, ``batch_to_device(next(it))``, in the main
     process; between batches it sleeps for a step (the workers prefetch as in training)."""
-    import cProfile
-    import time
-
-    from dwm.datasets import batch_to_device
-
     prof = cProfile.Profile()
     it = iter(loader)
     try:
@@ -164,10 +161,6 @@ def profile_receive(loader, batches: int, step_s: float) -> list[str]:
 
 def stage_loader(cfg: TrainConfig, stage: str, workers: int):
     """The stage's TrainLoader as the engine builds it, with ``workers`` workers."""
-    from dwm.datasets import TrainLoader, make_view
-    from dwm.shared.shards import load_manifest
-    from dwm.training.stages import get_stage
-
     st = get_stage(stage)(cfg)
     manifest = load_manifest(cfg.data)
     view = make_view(st.view, manifest.get("stats"), cfg, **st.view_options())

@@ -5,7 +5,7 @@ epoch, pass), or resampling with replacement -> split by node and worker (by sha
 enough shards, else by sample index) -> tar members (fsspec opener, member names checked) ->
 deterministic sample shuffle buffer -> view (window cutting, seeded per item) -> batches of
 ``batch_size`` built inside the worker (one T per batch). Decoding knows only ``.npy``
-(``allow_pickle=False``) and ``.json``.
+(``allow_pickle=False``), ``.npy.zst`` (zstd frames of such ``.npy`` chunks) and ``.json``.
 
 Epochs have a fixed length in batches (``epoch_samples`` or the split's sample count, rounded up
 to a multiple of the worker count); every worker yields exactly its share and its stream never
@@ -63,7 +63,8 @@ def iter_tar_samples(url: str, verified: Any = None) -> Iterator[dict[str, Any]]
 
     Array members are zero-copy views of the shard (memory-mapped when local), so a sample
     waiting in the shuffle buffer costs no memory and a view that cuts a window out of it reads
-    only the window (:func:`dwm.shared.shards.decode_npy`). The shard is checked against the
+    only the window (:func:`dwm.shared.shards.decode_npy` for raw members, the window's zstd
+    chunks for compressed ones: :class:`dwm.shared.shards.ChunkedRows`). The shard is checked against the
     manifest's sha256 before any sample of it is used (:class:`~dwm.shared.shards.ShardFile`)."""
     shard = ShardFile(url, verified)
     files = ({"fname": name, "__url__": url,

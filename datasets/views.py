@@ -65,7 +65,7 @@ from torch.utils.data import get_worker_info
 from dwm.shared import contract
 from dwm.shared.contract import Normaliser
 from dwm.shared.errors import UserFacingError
-from dwm.shared.shards import ManifestError, check_member_name, decode_npy
+from dwm.shared.shards import ManifestError, check_member_name, decode_array, decode_npy
 
 UINT8_TO_FLOAT = ("heatmap", "face_mask", "face_crop", "ref_face_crop")
 _NON_TENSOR = ("meta", "thumbs")
@@ -76,7 +76,7 @@ class SampleError(UserFacingError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# decoding: only .npy (no pickle) and .json; anything else is refused
+# decoding: only .npy / .npy.zst (no pickle) and .json; anything else is refused
 # ---------------------------------------------------------------------------------------------
 def decode_member(name: str, data: bytes, where: str) -> Any:
     check_member_name(name, where)
@@ -91,26 +91,65 @@ def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     if "json" not in raw:
         raise SampleError(f"{where}: sample has no .json metadata")
-    meta = raw["json"]
-    return decode_member("json", meta, where) if isinstance(meta, bytes) else meta
+    meta = raw.get("__meta__")  # parsed once per sample (accepts() and the view both ask)
+    if meta is None:
+        meta = raw["json"]
+        meta = decode_member("json", meta, where) if isinstance(meta, bytes) else meta
+        raw["__meta__"] = meta
+    return meta
+
+
+class NearestRows:
+    """Rows stored for some frames only (face crops of the reference-candidate frames), looked
+    up by segment frame: ``rows[f]`` is the row of the stored frame nearest ``f``, the same
+    rule as :func:`nearest_clip`; :meth:`frame_of` says which frame that is."""
+
+    def __init__(self, rows: Any, frames: np.ndarray, where: str):
+        self.rows, self.frames = rows, np.asarray(frames, np.int64)
+        if len(self.frames) != len(rows):
+            raise SampleError(f"{where}: {len(rows)} face_crop rows for {len(self.frames)} "
+                              f"face_crop_frames")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def index_of(self, frame: int) -> int:
+        if not len(self.frames):
+            raise IndexError("no face crop stored in this sample")
+        return int(np.argmin(np.abs(self.frames - int(frame))))
+
+    def frame_of(self, frame: int) -> int:
+        return int(self.frames[self.index_of(frame)])
+
+    def __getitem__(self, frame: int) -> np.ndarray:
+        return np.asarray(self.rows[self.index_of(frame)])
 
 
 def decode_features(raw: dict[str, Any], names: tuple[str, ...],
-                    optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Decode the ``.npy`` members ``names`` (must exist) and ``optional`` (may be absent)."""
+                    optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Decode the members ``names`` (must exist) and ``optional`` (may be absent), each in its
+    contract encoding. Per-frame members cut into several zstd chunks (heatmaps, face masks) come
+    back as :class:`~dwm.shared.shards.ChunkedRows` (slicing decompresses only the chunks it
+    needs); ``face_crop`` comes back as :class:`NearestRows`, indexed by segment frame."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    meta = sample_meta(raw)
     out = {}
     for name in (*names, *optional):
-        member = f"{name}.npy"
-        if member not in raw:
+        arr = decode_array(name, raw, meta, where)
+        if arr is None:
             if name in optional:
                 continue
-            raise SampleError(f"{where}: sample has no member {name}.npy (needed by this view)")
-        arr = decode_member(member, raw[member], where)
+            raise SampleError(f"{where}: sample has no member {contract.member_name(name)} "
+                              f"(needed by this view)")
         spec = contract.FEATURE_BY_NAME.get(name)
         if spec is not None and arr.dtype != np.dtype(spec.dtype):
             raise SampleError(f"{where}: {name} has dtype {arr.dtype}, contract says {spec.dtype}")
         out[name] = arr
+    if "face_crop" in out:
+        frames = decode_array("face_crop_frames", raw, meta, where)
+        if frames is None:
+            raise SampleError(f"{where}: sample has face_crop but no face_crop_frames")
+        out["face_crop"] = NearestRows(out["face_crop"], frames, where)
     return out
 
 
@@ -154,14 +193,26 @@ def pick_face_frame(face_present: np.ndarray, rng: np.random.Generator,
     return int(rng.choice(idx))
 
 
-def face_crop_of(feats: dict[str, np.ndarray], frame: int | None) -> np.ndarray:
+def crop_frame(feats: dict[str, Any], frame: int | None) -> int | None:
+    """The frame whose face crop stands for ``frame``: crops are stored on reference-candidate
+    frames only (:class:`NearestRows`), so the nearest of those; None without any."""
+    crops = feats.get("face_crop")
+    if frame is None or not isinstance(crops, NearestRows):
+        return frame
+    return crops.frame_of(frame) if len(crops) else None
+
+
+def face_crop_of(feats: dict[str, Any], frame: int | None) -> np.ndarray:
     size = contract.FACE_CROP_SIZE
+    frame = crop_frame(feats, frame)
     return feats["face_crop"][frame] if frame is not None else np.zeros((size, size, 3), np.uint8)
 
 
-def face_target(feats: dict[str, np.ndarray], frame: int | None) -> tuple[np.ndarray, float]:
-    """ArcFace embedding of ``frame`` (face_ref_embed when that frame has none) and validity."""
+def face_target(feats: dict[str, Any], frame: int | None) -> tuple[np.ndarray, float]:
+    """ArcFace embedding of ``frame`` (face_ref_embed when that frame has none) and validity.
+    With crops on reference-candidate frames only, the frame whose crop goes with it."""
     ref = feats["face_ref_embed"].astype(np.float32)
+    frame = crop_frame(feats, frame)
     emb = feats["face_embed"][frame].astype(np.float32) if frame is not None else ref
     if not np.isfinite(emb).all() or np.linalg.norm(emb) < 1e-3:
         emb = ref

@@ -24,9 +24,9 @@ predicted over each whole clip segment exactly as ``dwm generate`` does (windows
 Stages B/C (when the checkpoint has the video model), on up to ``video_samples`` clips of
 ``video_frames`` frames: the video model renders the clip from the ground-truth poses, a reference
 frame outside the clip, its CLIP embedding and the video's ArcFace embedding. The ground-truth
-frames are the cached ground-truth LATENTS decoded with the registry VAE (not the thumbnails),
+frames are the cached ground-truth LATENTS decoded with the VAE (not the thumbnails),
 so PSNR / SSIM compare like with like and measure the model, not the VAE. ID similarity: ArcFace
-(insightface via the registry, the preprocessing face extractor) on the generated frames vs the
+(insightface, the preprocessing face extractor) on the generated frames vs the
 video's reference embedding. Pose accuracy: the preprocessing pose backend re-run on the generated
 frames vs the conditioning poses (PCK@0.1 / 0.2). Temporal consistency: mean absolute difference
 of frame-to-frame changes, generated vs ground truth (0-255 units, lower is better).
@@ -77,7 +77,7 @@ DEFINITIONS = {
            "(5 frames at 60 fps)",
     "pose_diversity": "mean pairwise distance of kinetic features (standardised by the ground "
                       "truth), over sub-clips",
-    "psnr_ssim": "generated frames vs ground-truth latents decoded by the registry VAE",
+    "psnr_ssim": "generated frames vs ground-truth latents decoded by the VAE",
     "id_similarity": "ArcFace cosine, generated frames vs the video's reference embedding",
     "pose_accuracy": "PCK of the pose backend re-run on generated frames vs conditioning poses",
     "temporal_consistency": "mean |d/dt generated - d/dt ground truth|, 0-255 units, lower is "
@@ -380,7 +380,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     else:
         lines += [f"{v['clips']} clips of {v['frames_per_clip']} frames, ground-truth poses, "
                   f"{v['steps']} Euler steps, guidance {v['guidance_scale']:g}; ground-truth "
-                  "frames = cached latents decoded by the registry VAE.", "",
+                  "frames = cached latents decoded by the VAE.", "",
                   "| metric | value |", "|---|---|",
                   f"| PSNR (dB, higher is better) | {_fmt(v['psnr'], 2)} |",
                   f"| SSIM | {_fmt(v['ssim'])} |",
@@ -433,7 +433,7 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
 # the command
 # ---------------------------------------------------------------------------------------------
 def main(cfg: C.EvalConfig) -> int:
-    from dwm.shared import registry, storage
+    from dwm.shared import storage, vae as vae_io, weights
     from dwm.shared.shards import ManifestError, load_manifest
     from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
     from dwm.training.stages.stage_a import train_statistics
@@ -479,7 +479,7 @@ def main(cfg: C.EvalConfig) -> int:
     if has_video:
         pcfg = G.preprocess_config(cfg.models, recorded=manifest.get("config"))
         comps = ["vae", "insightface"] + (["dwpose"] if pcfg.pose.backend == "dwpose" else [])
-        registry.ensure_available(cfg.models, comps)
+        weights.ensure_available(cfg.models, comps)
         vclips = load_clips(manifest, split, cfg.video_samples, VIDEO_FEATURES, VIDEO_OPTIONAL)
         settings = G.SamplingSettings(
             steps=cfg.steps, guidance_scale=cfg.guidance_scale,
@@ -487,7 +487,7 @@ def main(cfg: C.EvalConfig) -> int:
             svd_fps=int(G.train_setting(meta, "svd_fps")),
             motion_bucket_id=int(G.train_setting(meta, "motion_bucket_id")),
             noise_aug_strength=float(G.train_setting(meta, "noise_aug_strength")))
-        vae, _ = registry.load_vae(cfg.models, device=device)
+        vae, _ = vae_io.load_vae(cfg.models, device=device)
         video = evaluate_video(model, vclips, settings, vae, pcfg, cfg.video_frames, cfg.seed,
                                device, show)
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dwm.preprocess.decode import decode_size
-from dwm.preprocess.extractors.audio import AudioBatch, AudioDecodeError, AudioExtractor
+from dwm.preprocess.extractors.audio import AudioBatch, AudioExtractor
 from dwm.preprocess.extractors.base import FrameBatch, VideoContext
 from dwm.preprocess.extractors.clip import ClipExtractor
 from dwm.preprocess.extractors.face import FaceExtractor
@@ -46,10 +46,11 @@ from dwm.preprocess.extractors.latents import LatentExtractor
 from dwm.preprocess.extractors.pose import PoseExtractor, choose_crop, keep_inside, to_crop
 from dwm.preprocess.probe import NotAVideo, probe_file
 from dwm.shared import config as C
-from dwm.shared import contract, media, registry
+from dwm.shared import contract, media, weights
 from dwm.shared.contract import Normaliser
 from dwm.shared.errors import UserFacingError
 from dwm.shared.shards import ManifestError, load_manifest
+from dwm.shared.vae import decode_latents, load_vae
 from dwm.training import edm
 from dwm.training.models.animator import (VIDEO_COMPONENTS, Conditioning, conditioning_latent,
                                           denoise, load_dance_model)
@@ -209,10 +210,7 @@ def song_features(music: str, fps: float, num_frames: int, pcfg: C.PreprocessCon
     ext = AudioExtractor(pcfg, device)
     ext.reset(VideoContext(video_hash="song", path=str(music), num_frames=num_frames, fps=fps,
                            width=0, height=0, duration=num_frames / fps))
-    try:
-        res = ext(AudioBatch(str(music)))
-    except AudioDecodeError as e:
-        raise UserFacingError(str(e)) from None
+    res = ext(AudioBatch(str(music)))  # a song ffmpeg cannot decode: a one-line MediaError
     attrs = res.pop("_attrs")
     return SongFeatures(mel=res["mel"].astype(np.float32),
                         baseline=res["baseline"].astype(np.float32),
@@ -479,7 +477,7 @@ def iter_decoded_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
     for a in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", unit="chunk",
                   disable=not show_progress, leave=False):
         z = latents[a : a + batch_size].float() / scaling_factor
-        img = registry.decode_latents(vae, z, num_frames=z.shape[0])
+        img = decode_latents(vae, z, num_frames=z.shape[0])
         yield from (img.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
@@ -560,7 +558,7 @@ class DancePipeline:
         components = ["dwpose"] if pipe.pcfg.pose.backend == "dwpose" else []
         if pipe.has_video:
             components += ["insightface", "clip", "vae"]
-        registry.ensure_available(models, components)
+        weights.ensure_available(models, components)
         return pipe
 
     @property
@@ -653,7 +651,7 @@ class DancePipeline:
     # -- 7 ------------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, scaling_factor: float,
                        batch_size: int = 8) -> Iterator[np.ndarray]:
-        vae, _ = registry.load_vae(self.models, device=self.device)
+        vae, _ = load_vae(self.models, device=self.device)
         return iter_decoded_frames(vae, latents, scaling_factor, batch_size, self.show_progress)
 
     # -----------------------------------------------------------------------------------------

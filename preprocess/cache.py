@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs as zc
+from zarr.storage import FsspecStore
 from zarr.storage import LocalStore
 
 from dwm.shared import storage
@@ -145,8 +146,6 @@ class FeatureCache:
 
     def store(self, path: str, read_only: bool = False):
         if self.remote:
-            from zarr.storage import FsspecStore
-
             return FsspecStore.from_url(f"{self.protocol}://{path}", read_only=read_only)
         return LocalStore(path, read_only=read_only)
 

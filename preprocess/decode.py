@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+import decord
 import numpy as np
 
 from dwm.shared.config import DecodeConfig
@@ -119,8 +121,6 @@ class SegmentReader:
     """Decode the plan's segments in order at the decode size (display orientation, RGB uint8)."""
 
     def __init__(self, path: str, probe: ProbeInfo, plan: Plan, chunk: int = 32, threads: int = 0):
-        import decord
-
         self.path, self.probe, self.plan, self.chunk = path, probe, plan, max(1, chunk)
         # decord applies the display matrix itself when it resizes: width/height are in display
         # orientation and the frames come out upright (measured with decord 0.6.0)
@@ -197,8 +197,6 @@ class SegmentReader:
             for si, (start, length) in segs:
                 yield si, start, length, self.read(start, length)
             return
-        from concurrent.futures import ThreadPoolExecutor
-
         pool = ThreadPoolExecutor(1, thread_name_prefix="dwm-decode")
         fut = pool.submit(self.read, *segs[0][1])
         try:

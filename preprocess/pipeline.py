@@ -56,8 +56,6 @@ def sha256_file(path: str, chunk: int = 4 << 20) -> str:
 
 
 def cache_root(cfg: PreprocessConfig) -> str:
-    import os
-
     return cfg.cache_dir or os.path.join(cfg.out, "cache")
 
 

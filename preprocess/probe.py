@@ -1,4 +1,5 @@
-"""Is this file a dance video? Judged by content (ffprobe + decord), never by its name.
+"""Is this file a dance video? Judged by content (ffprobe through :func:`dwm.shared.media.probe`,
+and decord), never by its name.
 
 A file counts as a video when ffprobe finds a real video stream (not cover art: an ``attached_pic``
 mjpeg stream in an .ogg/.mp3 is a picture, not a video), the stream has more than one frame, and
@@ -9,12 +10,13 @@ whether there is an audio track.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from fractions import Fraction
+
+import decord
+
+from dwm.shared import media
 
 PROBE_VERSION = "1"
 
@@ -51,32 +53,9 @@ class ProbeInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def _start_ffprobe(path: str) -> subprocess.Popen:
-    exe = shutil.which("ffprobe")
-    if exe is None:
-        raise RuntimeError("ffprobe not found on PATH (Debian/Ubuntu: apt-get install ffmpeg)")
-    cmd = [exe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", path]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish_ffprobe(proc: subprocess.Popen, path: str, timeout: float = 60) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise NotAVideo(f"{path}: ffprobe timed out (corrupt file?)", "failed") from None
-    if proc.returncode != 0:
-        msg = err.strip().splitlines()[-1] if err.strip() else "unreadable"
-        raise NotAVideo(f"{path}: not a readable media file ({msg})")
-    return json.loads(out or "{}")
-
-
 def _decord_open(path: str) -> tuple[int, float]:
     """(frames, fps) as decord counts them, after decoding the first frame: decord is what
     decodes the video later, so it must be able to."""
-    import decord
-
     vr = decord.VideoReader(path, num_threads=1)
     n = len(vr)
     fps = float(vr.get_avg_fps() or 0)
@@ -85,34 +64,19 @@ def _decord_open(path: str) -> tuple[int, float]:
     return n, fps
 
 
-def _rate(s: str | None) -> float:
-    try:
-        f = Fraction(s) if s else Fraction(0)
-    except (ValueError, ZeroDivisionError):
-        return 0.0
-    return float(f)
-
-
-def rotation_of(stream: dict) -> int:
-    """Clockwise display rotation. The display matrix's angle is counter-clockwise (-90 on a
-    phone video means: turn 90 degrees clockwise to show it); the old ``rotate`` tag is clockwise."""
-    for side in stream.get("side_data_list") or []:
-        if "rotation" in side:
-            return int(round(-float(side["rotation"]))) % 360
-    tag = (stream.get("tags") or {}).get("rotate")
-    return int(round(float(tag))) % 360 if tag else 0
-
-
 def _is_real_video(s: dict) -> bool:
-    if s.get("codec_type") != "video":
+    if s["codec_type"] != "video" or s["attached_pic"] or s["still_image"]:
         return False
-    disp = s.get("disposition") or {}
-    if disp.get("attached_pic") or disp.get("still_image"):
-        return False
-    nb = s.get("nb_frames")
-    if s.get("codec_name") in _IMAGE_CODECS and nb is not None and str(nb).isdigit() and int(nb) <= 1:
-        return False
-    return True
+    nb = s["num_frames"]
+    return not (s["codec_name"] in _IMAGE_CODECS and nb is not None and nb <= 1)
+
+
+def _ffprobe(path: str) -> dict:
+    try:
+        return media.probe(path)
+    except media.UnreadableMediaError as e:
+        status = "failed" if e.timed_out else "skipped"
+        raise NotAVideo(f"{path}: not a readable media file ({e.detail})", status) from None
 
 
 def probe_file(path: str) -> ProbeInfo:
@@ -123,30 +87,27 @@ def probe_file(path: str) -> ProbeInfo:
         raise NotAVideo(f"{path}: empty file (0 bytes)", "failed")
     # ffprobe (a subprocess, most of it process start-up) and decord's open run side by side;
     # ffprobe's verdict is read first, so the reasons are those of ffprobe then decord
-    proc = _start_ffprobe(path)
-    try:
-        opened: tuple[int, float] | Exception = _decord_open(path)
-    except Exception as e:  # decord raises its own DECORDError / RuntimeError
-        opened = e
-    except BaseException:  # interrupted: leave no ffprobe behind
-        proc.kill()
-        proc.communicate()
-        raise
-    info = _finish_ffprobe(proc, path)
-    streams = info.get("streams") or []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        probed = pool.submit(_ffprobe, path)
+        try:
+            opened: tuple[int, float] | Exception = _decord_open(path)
+        except Exception as e:  # decord raises its own DECORDError / RuntimeError
+            opened = e
+        info = probed.result()
+    streams = info["streams"]
     videos = [s for s in streams if _is_real_video(s)]
-    audios = [s for s in streams if s.get("codec_type") == "audio"]
+    audios = [s for s in streams if s["codec_type"] == "audio"]
     if not videos:
-        if any(s.get("codec_type") == "video" for s in streams) and audios:
+        if any(s["codec_type"] == "video" for s in streams) and audios:
             raise NotAVideo(f"{path}: audio with cover art only (its picture stream is not a video)")
         if audios:
             raise NotAVideo(f"{path}: audio-only file (no video stream)")
-        if any(s.get("codec_type") == "video" for s in streams):
+        if any(s["codec_type"] == "video" for s in streams):
             raise NotAVideo(f"{path}: a still image, not a video")
         raise NotAVideo(f"{path}: no video stream")
-    vs = sorted(videos, key=lambda s: -int((s.get("disposition") or {}).get("default", 0)))[0]
-    rotation = rotation_of(vs)
-    w, h = int(vs.get("width") or 0), int(vs.get("height") or 0)
+    vs = sorted(videos, key=lambda s: -int(s["default"]))[0]
+    rotation = vs["rotation"]
+    w, h = int(vs["width"] or 0), int(vs["height"] or 0)
     if rotation in (90, 270):
         w, h = h, w
 
@@ -156,12 +117,12 @@ def probe_file(path: str) -> ProbeInfo:
         raise NotAVideo(f"{path}: video stream cannot be decoded (truncated or corrupt: {msg})",
                         "failed")
     n, fps = opened
-    fps = fps or _rate(vs.get("avg_frame_rate")) or _rate(vs.get("r_frame_rate"))
+    fps = fps or vs["fps"]
     if n <= 1:
         raise NotAVideo(f"{path}: video stream has {n} frame(s)")
     if not fps or fps <= 0 or fps > 1000:
         raise NotAVideo(f"{path}: video stream has no usable frame rate ({fps})", "failed")
-    fmt_dur = float((info.get("format") or {}).get("duration") or 0)
+    fmt_dur = float(info["duration"] or 0)
     return ProbeInfo(
         orig_fps=round(fps, 6),
         orig_width=w,
@@ -170,6 +131,6 @@ def probe_file(path: str) -> ProbeInfo:
         num_frames=int(n),
         duration=round(n / fps if fps else fmt_dur, 6),
         has_audio=bool(audios),
-        video_codec=str(vs.get("codec_name")),
-        audio_codec=str(audios[0].get("codec_name")) if audios else None,
+        video_codec=str(vs["codec_name"]),
+        audio_codec=str(audios[0]["codec_name"]) if audios else None,
     )

@@ -12,6 +12,7 @@ A bad file never stops the run: it gets a status (skipped / failed) and a reason
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -19,11 +20,18 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from dwm.shared import storage
+import cv2
+import torch
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from dwm.shared import storage, weights
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
 
+from .cache import FeatureCache
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
+from .write_shards import merge_manifests, write_dataset
 
 REPORT_NAME = "report.json"
 
@@ -93,8 +101,6 @@ def single_threaded_blas():
     (the audio features: about 270 -> 140 CPU-ms per 12 s clip, the same wall time). torch's
     own threads are not BLAS's and are left as set. As a context manager it restores the
     limits; called alone it holds for the process."""
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(limits=1, user_api="blas")
 
 
@@ -104,14 +110,7 @@ _WORKER: VideoProcessor | None = None
 def _init_worker(cfg_dict: dict, threads: int) -> None:
     global _WORKER
     _set_threads(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except Exception:
-        pass
-    import cv2
-
+    torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
     single_threaded_blas()
     cfg = apply_overrides(PreprocessConfig(), flatten(cfg_dict))
@@ -177,8 +176,6 @@ class Report:
 # main
 # ---------------------------------------------------------------------------------------------
 def main(cfg: PreprocessConfig) -> int:
-    from .write_shards import merge_manifests, write_dataset
-
     if cfg.mode == "merge":
         path = merge_manifests(cfg)
         print(f"merged manifest: {path}")
@@ -194,9 +191,7 @@ def main(cfg: PreprocessConfig) -> int:
         raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
 
     # weights first: a missing file fails here, in one line, before any work
-    from dwm.shared import registry
-
-    registry.ensure_available(cfg.models, required_components(cfg))
+    weights.ensure_available(cfg.models, required_components(cfg))
 
     report_path = storage.join(out, REPORT_NAME if world <= 1 else f"report-r{rank:04d}.json")
     report = Report(cfg, report_path, rank, world)
@@ -204,8 +199,6 @@ def main(cfg: PreprocessConfig) -> int:
     progress = os.environ.get("DWM_PROGRESS", "1") != "0"  # DWM_PROGRESS=0 silences the bars
 
     files = discover(cfg.input_dir, exclude=[out, croot])
-    from tqdm import tqdm
-
     by_hash: dict[str, list[str]] = {}
     for i, p in enumerate(tqdm(files, desc="hashing", unit="file", disable=not progress,
                                leave=False)):
@@ -264,8 +257,6 @@ def main(cfg: PreprocessConfig) -> int:
         if r["status"] == "ok":
             r["source"] = r["path"]
     rows = list(report.rows.values())
-    from .cache import FeatureCache
-
     cache = FeatureCache(croot)
     # one rank: the split is decided over the usable videos (exactly one val and one train
     # guaranteed); several ranks: over every hashed file, which every rank sees, so the split
@@ -287,8 +278,6 @@ def main(cfg: PreprocessConfig) -> int:
 def _run_pool(cfg: PreprocessConfig, tasks: list[tuple[str, str, str]], on_row) -> None:
     """Spawned worker processes, a few tasks in flight each; a crashed worker fails only the
     videos it had, and a fresh pool takes the rest."""
-    import multiprocessing as mp
-
     workers = max(1, min(cfg.workers, len(tasks)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     pending = list(reversed(tasks))

@@ -12,12 +12,14 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from dwm.shared import storage
 from dwm.shared.config import PreprocessConfig, config_hash, to_dict
 from dwm.shared.contract import (AUDIO_BASELINE_DIM, FEATURE_BY_NAME, LATENT_CHANNELS,
-                                 SAMPLE_META_KEYS)
-from dwm.shared.shards import MANIFEST_NAME, ShardInfo, ShardWriter, write_manifest
+                                 SAMPLE_META_KEYS, member_name)
+from dwm.shared.errors import UserFacingError
+from dwm.shared.shards import MANIFEST_NAME, ShardInfo, ShardWriter, chunk_rows, write_manifest
 
 from . import extractors as X
 from .cache import FeatureCache
@@ -94,7 +96,10 @@ def _segment_sample(cache: FeatureCache, row: dict, si: int, start: int, length:
         sample["face_score"] = f["score"][start:end]
         sample["face_embed"] = f["embed"][start:end]
         sample["face_mask"] = f["mask"][start:end]
-        sample["face_crop"] = f["crop"][start:end]
+        sel = reference_face_frames(sample["face_present"], sample["face_score"],
+                                    cfg.shards.face_crop_every)
+        sample["face_crop"] = np.asarray(f["crop"][start:end])[sel]
+        sample["face_crop_frames"] = sel
         sample["face_ref_embed"] = f["ref_embed"][:]
     lat = groups.get("latents")
     if lat is not None:
@@ -142,9 +147,21 @@ def _segment_sample(cache: FeatureCache, row: dict, si: int, start: int, length:
         "split": split,
         "features": sorted(k for k in sample if k != "__key__"),
     }
+    meta["chunks"] = {}  # filled by the shard writer (the npy.zst members' offsets)
     assert set(meta) == set(SAMPLE_META_KEYS), set(meta) ^ set(SAMPLE_META_KEYS)
     sample["json"] = meta
     return sample
+
+
+def reference_face_frames(present: np.ndarray, score: np.ndarray, every: int) -> np.ndarray:
+    """Segment frames that keep a face crop: in each run of ``every`` frames, the present face
+    with the best detection score (the first on ties); none where no frame of the run has one."""
+    present = np.asarray(present, bool)
+    score = np.where(present, np.asarray(score, np.float32), -np.inf)
+    every = max(1, int(every))
+    picks = [a + int(np.argmax(score[a : a + every])) for a in range(0, len(present), every)
+             if present[a : a + every].any()]
+    return np.asarray(picks, np.int32)
 
 
 class _Entry:
@@ -209,7 +226,10 @@ def feature_table(cfg: PreprocessConfig, rows: list[dict]) -> dict[str, Any]:
         shape = [sym.get(s, int(s) if s.isdigit() else s) for s in f.shape]
         table[f.name] = {"shape": shape, "dtype": f.dtype, "extractor": f.extractor,
                          "version": ext.version, "config_hash": config_hash(ext.config()),
-                         "doc": f.doc, "per_frame": f.per_frame}
+                         "doc": f.doc, "per_frame": f.per_frame, "encoding": f.encoding,
+                         "member": f"<key>.{member_name(f.name)}"}
+        if f.encoding == "npy.zst":
+            table[f.name]["chunk_rows"] = chunk_rows(f.name, cfg.shards.chunk_frames) or "all"
     if "latents" in present and cfg.latents.store_std:
         table["latents_std"] = {**table["latents"], "doc": "VAE latent std, unscaled"}
     if "clip_embed" in table:
@@ -238,7 +258,8 @@ def write_dataset(cfg: PreprocessConfig, rows: list[dict], cache: FeatureCache, 
     splits = split_of(candidates, cfg.shards.holdout_fraction)
     target = int(cfg.shards.target_shard_mb * (1 << 20))
     writers = {s: ShardWriter(out, prefix=shard_prefix(cfg, s, rank, world_size),
-                              target_bytes=target, split=s) for s in ("train", "val")}
+                              target_bytes=target, split=s, chunk_frames=cfg.shards.chunk_frames,
+                              zstd_level=cfg.shards.zstd_level) for s in ("train", "val")}
     mel_m = _Moments(cfg.audio.n_mels)
     base_m = _Moments(AUDIO_BASELINE_DIM)
     lat_m = _Moments(LATENT_CHANNELS)
@@ -326,8 +347,6 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
     parts = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
                    if n.startswith("manifest-r") and n.endswith(".json"))
     if not parts:
-        from dwm.shared.errors import UserFacingError
-
         raise UserFacingError(f"{out}: no manifest-r*.json to merge (run each rank first)")
     shards, features, counts, splits = [], {}, {}, {}
     moments: dict[str, _Moments] = {}
@@ -357,8 +376,6 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False)
 
 

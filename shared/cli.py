@@ -51,7 +51,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("measured speed of the data path and train step", C.BenchConfig,
                      _plain(C.BenchConfig), "dwm.bench:main"),
     "models": Command("download the full weights into models_dir", C.ModelsConfig,
-                      _plain(C.ModelsConfig), "dwm.shared.registry:download_main"),
+                      _plain(C.ModelsConfig), "dwm.shared.weights:download_main"),
     "demo": Command("the whole chain on a small generated default", C.DemoConfig,
                     _plain(C.DemoConfig), "dwm.generate.demo:main"),
     "app": Command("a local web page: drop a photo and a song, watch the dance", C.AppConfig,

@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 # ----------------------------------------------------------------------------------------------
-# Model registry config (which pretrained component comes from where)
+# Pretrained weights (which component comes from where; resolved by dwm.shared.weights)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ModelsConfig:
@@ -108,6 +108,14 @@ class ThumbConfig:
 class ShardConfig:
     target_shard_mb: float = 256.0
     holdout_fraction: float = 0.1  # fraction of videos (by content hash) held out for validation
+    # npy.zst members (contract encodings): per-frame arrays are cut into zstd frames of this
+    # many frames, so a window decompresses only its own (stage C: 3-4 chunks of a 150-frame
+    # segment); smaller chunks compress a little worse (heatmaps 1.1 KB/frame at 8, 0.9 at 48)
+    chunk_frames: int = 8
+    zstd_level: int = 19  # written once, read many times: level 19 costs ~1 ms a frame
+    # face crops only on reference-candidate frames: the best-scored face of every this many
+    # frames (a crop is 37.6 KB raw, ~24 KB compressed: on every frame it was 16% of a shard)
+    face_crop_every: int = 8
 
 
 @dataclass
@@ -145,7 +153,7 @@ class PreprocessConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    # -- stages and steps (seed design)
+    # -- stages and steps (README, "Training: the three-stage curriculum")
     training_stage: Literal["A", "B", "C", "all"] = "all"
     stage_a_steps: int = 5000
     stage_b_steps: int = 10000
@@ -306,8 +314,21 @@ class BenchConfig:
     loader_batches: int = 24  # batches timed per loader repetition
     train_steps: int = 3  # timed train steps per stage (after 2 warm-up steps)
     workers: int = -1  # data-loader workers of sections 4-5 (-1: the TrainConfig default)
+    # a full-size stage-C step (512x896, T=24, batch 1) measured on a GPU (bench/gpu.py's G1),
+    # in ms: the loader's goal is against what it consumes; 0: bench/gpu.py's estimate
+    gpu_step_ms: float = 0.0
     sections: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5", "6"])
     profile: bool = True  # profile (cProfile) each figure that misses its goal
+    # -- the GPU bench (bench/gpu.py, sections G1-G4): `dwm bench gpu=true`
+    gpu: bool = False  # run the GPU sections instead of 1-6; writes <out>/bench_gpu.{md,json}
+    dry_run: bool = False  # with gpu=true: the same code on the CPU, tiny models and sizes (CI)
+    estimate_memory: bool = False  # no GPU needed: print the estimated step memory, then stop
+    estimate_step: bool = False  # no GPU needed: print the estimated full-size stage-C step time
+    gpu_steps: int = 0  # timed train steps of G1/G2 (0: 5; a dry run times 1)
+    batch_c: int = 1  # stage-C batch of G1 (clips of T frames)
+    batch_b: int = 4  # stage-B batch of G2 (frames)
+    models_dir: str = "models"  # where `dwm models` put the weights (G1-G3)
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak, when it is not in gpu.py's table
 
 
 @dataclass

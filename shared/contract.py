@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 # Bump when the on-disk layout of shards or the cache changes in a way readers must know about.
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2  # 2: members compressed per their declared encoding
 CACHE_FORMAT_VERSION = 1
 
 # ---- body layout: 18 keypoints in OpenPose (COCO-18) order ----------------------------------
@@ -48,16 +48,29 @@ LATENT_DOWNSAMPLE = 8
 HEATMAP_QUANT_SCALE = 255.0  # heatmaps are stored as uint8 = round(value * 255), value in [0, 1]
 
 
+# Member encodings (name -> member suffix). A reader refuses any other.
+ENCODINGS = {"npy": "npy", "npy.zst": "npy.zst"}
+# How an ``npy.zst`` member is cut into zstd frames (each one decompressed on its own):
+CHUNK_WHOLE = "whole"  # one frame: small arrays, always read whole
+CHUNK_FRAMES = "frames"  # every ShardConfig.chunk_frames rows: a window reads only its chunks
+CHUNK_ROW = "row"  # one frame per row: rows read one at a time (face crops)
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """One array member of a shard sample."""
 
-    name: str  # member name: "<key>.<name>.npy"
+    name: str  # member name: "<key>.<name>.<encoding suffix>"
     shape: tuple[str, ...]  # symbolic shape
     dtype: str  # numpy dtype name
     extractor: str  # which extractor writes it
     doc: str
     per_frame: bool = True  # first axis is T
+    # "npy.zst" wherever zstd saves bytes (measured at 512x896 on the sample video: heatmaps
+    # 129 KB -> 1.1 KB a frame, masks 7.2 KB -> 44 B, thumbnails 6.9 -> 4.1 KB); "npy" where
+    # it does not (the latents, ArcFace embeddings) or the array is read in place
+    encoding: str = "npy.zst"
+    chunk: str = CHUNK_WHOLE  # for npy.zst: CHUNK_WHOLE, CHUNK_FRAMES or CHUNK_ROW
 
 
 FEATURES: tuple[FeatureSpec, ...] = (
@@ -70,7 +83,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("pose_hands", ("T", "42", "3"), "float32", "pose", "left 21 then right 21"),
     FeatureSpec("pose_face", ("T", "68", "3"), "float32", "pose", "68 face points"),
     FeatureSpec("pose_heatmap", ("T", "18", "h", "w"), "uint8", "pose",
-                "Gaussian heatmaps at latent resolution, value*255"),
+                "Gaussian heatmaps at latent resolution, value*255", chunk=CHUNK_FRAMES),
     # face
     FeatureSpec("face_present", ("T",), "bool", "face",
                 "explicit flag: a face was found (detector, or pose face points)"),
@@ -78,21 +91,29 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("face_landmarks", ("T", "5", "2"), "float32", "face", "5 points in [0,1]"),
     FeatureSpec("face_score", ("T",), "float32", "face", "detection score; 0 if none"),
     FeatureSpec("face_embed", ("T", "512"), "float16", "face",
-                "L2-normalised ArcFace embedding; 0 where no detection"),
+                "L2-normalised ArcFace embedding; 0 where no detection", encoding="npy"),
     FeatureSpec("face_mask", ("T", "h", "w"), "uint8", "face",
-                "soft face mask at latent resolution, value*255; all zeros without a face"),
-    FeatureSpec("face_crop", ("T", "112", "112", "3"), "uint8", "face",
-                "aligned RGB face crop (M2PEncoder input); zeros where face_present is false"),
+                "soft face mask at latent resolution, value*255; all zeros without a face",
+                chunk=CHUNK_FRAMES),
+    # face crops of the reference-candidate frames only: in every ShardConfig.face_crop_every
+    # frames of the segment, the one with the best-scored face (none where no frame has a face)
+    FeatureSpec("face_crop", ("F", "112", "112", "3"), "uint8", "face",
+                "aligned RGB face crop (M2PEncoder input) of each face_crop_frames entry",
+                per_frame=False, chunk=CHUNK_ROW),
+    FeatureSpec("face_crop_frames", ("F",), "int32", "face",
+                "segment-frame index of each face_crop row (ascending; face_present there)",
+                per_frame=False),
     FeatureSpec("face_ref_embed", ("512",), "float32", "face",
                 "reference embedding: the video's best frontal face", per_frame=False),
     # latents
     FeatureSpec("latents", ("T", "4", "h", "w"), "float16", "latents",
-                "VAE latent mean, unscaled; multiply by meta.latent_scaling_factor"),
+                "VAE latent mean, unscaled; multiply by meta.latent_scaling_factor",
+                encoding="npy"),
     # clip (reference-candidate frames only)
     FeatureSpec("clip_frames", ("R",), "int32", "clip", "segment-frame indices embedded",
                 per_frame=False),
     FeatureSpec("clip_embed", ("R", "D"), "float16", "clip", "CLIPVisionModelWithProjection image_embeds",
-                per_frame=False),
+                per_frame=False, encoding="npy"),
     # thumbnails: JPEG bytes of every frame, concatenated, with offsets (len T+1)
     FeatureSpec("thumbs_jpeg", ("N",), "uint8", "thumbs", "concatenated JPEG files", per_frame=False),
     FeatureSpec("thumbs_offsets", ("T+1",), "int64", "thumbs", "byte offsets into thumbs_jpeg",
@@ -118,7 +139,15 @@ SAMPLE_META_KEYS = (
     "latent_scaling_factor",
     "split",  # "train" or "val" (decided per video, so no leakage)
     "features",  # names of the arrays present
+    "chunks",  # name -> {offsets, rows, shape, dtype} of each npy.zst member (the shard writer's)
 )  # fmt: skip
+
+
+def member_name(name: str, encoding: str | None = None) -> str:
+    """``<name>.<suffix>`` of a feature's member (without the sample key)."""
+    spec = FEATURE_BY_NAME.get(name)
+    enc = encoding or (spec.encoding if spec is not None else "npy")
+    return f"{name}.{ENCODINGS[enc]}"
 
 
 def heatmap_to_float(hm_uint8: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@
 * :func:`write_video`: H.264 mp4 (yuv420p) through an ``ffmpeg`` subprocess fed raw frames on
   stdin, optionally muxed with the audio track of any file ffmpeg reads. Same input -> same bytes.
 * :func:`skeleton_video`: a pose sequence as a video, over black or over background frames.
-* :func:`probe` (ffprobe as a dict) and :func:`load_audio` (mono float32 from any file's audio).
+* :func:`probe` (ffprobe as a dict) and :func:`load_audio` (mono float32 from any file's audio):
+  the project's one ffprobe wrapper and one audio loader (preprocessing uses both).
 
 All arrays are RGB (not OpenCV's BGR). Pose coordinates follow ``contract``: x, y in [0, 1] of
 the frame, plus a score. Everything here needs the Debian ``ffmpeg`` / ``ffprobe`` binaries only
@@ -36,6 +37,7 @@ __all__ = [
     "image_grid",
     "write_video",
     "skeleton_video",
+    "UnreadableMediaError",
     "probe",
     "load_audio",
 ]
@@ -43,6 +45,15 @@ __all__ = [
 
 class MediaError(UserFacingError):
     """A media file could not be read or written; the message names the file and the reason."""
+
+
+class UnreadableMediaError(MediaError):
+    """ffprobe cannot read the file (not media, or corrupt); ``detail`` is ffprobe's reason."""
+
+    def __init__(self, path: str, detail: str, timed_out: bool = False):
+        super().__init__(f"{path}: ffprobe cannot read it ({detail})")
+        self.detail = detail
+        self.timed_out = timed_out
 
 
 # OpenPose's rainbow: one colour per limb of contract.BODY_LIMBS (RGB), and per joint.
@@ -222,8 +233,9 @@ def _fps_of(rate: str | None) -> float | None:
 
 
 def _rotation_of(stream: dict) -> int:
-    """Degrees CLOCKWISE to turn decoded frames for display (as preprocess/probe.py): the display
-    matrix angle ffprobe prints is counter-clockwise; the old ``rotate`` tag is clockwise."""
+    """Degrees CLOCKWISE to turn decoded frames for display: the display matrix angle ffprobe
+    prints is counter-clockwise (-90 on a phone video means: turn 90 degrees clockwise to show
+    it); the old ``rotate`` tag is clockwise."""
     for side in stream.get("side_data_list", []) or []:
         if "rotation" in side:
             return int(round(-float(side["rotation"]))) % 360
@@ -231,25 +243,31 @@ def _rotation_of(stream: dict) -> int:
     return int(round(float(rot))) % 360 if rot else 0
 
 
-def probe(path: str | os.PathLike) -> dict:
+def probe(path: str | os.PathLike, timeout: float = 60) -> dict:
     """ffprobe a file. Returns::
 
         {"path", "format", "duration" (s or None), "has_video", "has_audio",
          "width", "height", "fps", "rotation", "num_frames"  (first real video stream, or None;
          width/height as coded; rotation = degrees clockwise to turn frames for display),
          "streams": [{"index", "codec_type", "codec_name", "duration", "fps", "width", "height",
-                      "rotation", "num_frames", "sample_rate", "channels", "attached_pic"}]}
+                      "rotation", "num_frames", "sample_rate", "channels", "attached_pic",
+                      "still_image", "default"}]}
 
     Cover art (an mjpeg "video" stream marked attached_pic, as in many .ogg/.mp3 files) is listed
-    with ``attached_pic=True`` and does not count as video.
+    with ``attached_pic=True`` and does not count as video. A file ffprobe cannot read within
+    ``timeout`` seconds raises :class:`UnreadableMediaError`.
     """
     src = _local_input(path, "probe:")
     cmd = [_binary("ffprobe"), "-v", "error", "-print_format", "json", "-show_format",
            "-show_streams", src]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UnreadableMediaError(src, f"timed out after {timeout:g} s: corrupt file?",
+                                   timed_out=True) from None
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unreadable"
-        raise MediaError(f"{src}: ffprobe cannot read it ({msg})")
+        raise UnreadableMediaError(src, msg)
     raw = json.loads(res.stdout or "{}")
     fmt = raw.get("format", {})
 
@@ -276,6 +294,8 @@ def probe(path: str | os.PathLike) -> dict:
                 "sample_rate": num(s.get("sample_rate"), int),
                 "channels": num(s.get("channels"), int),
                 "attached_pic": bool((s.get("disposition") or {}).get("attached_pic", 0)),
+                "still_image": bool((s.get("disposition") or {}).get("still_image", 0)),
+                "default": bool((s.get("disposition") or {}).get("default", 0)),
             }
         )
     videos = [s for s in streams if s["codec_type"] == "video" and not s["attached_pic"]]
@@ -305,20 +325,21 @@ def load_audio(
     to mono float32 at ``sr`` Hz. ``start``/``duration`` in seconds select a window.
     Returns (samples, sr). Raises MediaError naming the file when it has no audio stream."""
     src = _local_input(path, "load_audio:")
-    info = probe(src)
-    if not info["has_audio"]:
-        raise MediaError(f"{src}: has no audio stream")
     cmd = [_binary("ffmpeg"), "-nostdin", "-v", "error"]
     if start:
-        cmd += ["-ss", f"{float(start):.6f}"]
+        cmd += ["-ss", f"{float(start):.6f}"]  # an input option: ffmpeg seeks, not decodes
+    cmd += ["-i", src]
     if duration is not None:
         cmd += ["-t", f"{float(duration):.6f}"]
-    cmd += ["-i", src, "-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sr)),
+    cmd += ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sr)),
             "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True)
     if res.returncode != 0:
-        err = res.stderr.decode(errors="replace").strip().splitlines()
-        raise MediaError(f"{src}: ffmpeg cannot decode its audio ({err[-1] if err else 'error'})")
+        err = res.stderr.decode(errors="replace").strip()
+        if "matches no streams" in err:  # ffmpeg's words for a -map with nothing to map
+            raise MediaError(f"{src}: has no audio stream")
+        last = err.splitlines()[-1] if err else "error"
+        raise MediaError(f"{src}: ffmpeg cannot decode its audio ({last})")
     samples = np.frombuffer(res.stdout, dtype="<f4").astype(np.float32)
     return samples, int(sr)
 

@@ -1,9 +1,12 @@
 """WebDataset shards and their manifest: the only way training sees preprocessed data.
 
 A shard is a plain POSIX tar readable with ``tar`` and ``webdataset``. Each sample is a group of
-members ``<key>.json`` and ``<key>.<feature>.npy`` (``np.save`` with ``allow_pickle=False``).
-Tars are written deterministically (sorted members, zero mtimes/uids) so that the same samples
-give the same bytes, and atomically (temp name, then rename). ``manifest.json`` is written last.
+members ``<key>.json`` and ``<key>.<feature>.npy`` (``np.save`` with ``allow_pickle=False``) or
+``<key>.<feature>.npy.zst`` (zstd frames of ``.npy`` chunks, offsets in the ``.json``), as the
+contract declares each feature's encoding (:mod:`dwm.shared.contract`). Readable with
+``webdataset``, ``numpy`` and ``zstandard`` alone. Tars are written deterministically (sorted
+members, zero mtimes/uids) so that the same samples give the same bytes, and atomically (temp
+name, then rename). ``manifest.json`` is written last.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ import json
 import mmap
 import os
 import tarfile
+import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from . import storage
-from .contract import SHARD_FORMAT_VERSION
+from .contract import (CHUNK_FRAMES, CHUNK_ROW, CHUNK_WHOLE, ENCODINGS, FEATURE_BY_NAME,
+                       SHARD_FORMAT_VERSION, member_name)
 from .errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
@@ -79,21 +85,191 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
 
 _NPY_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, fortran_order, dtype)
 
+# Bytes a decompressed chunk may have beyond its rows' data: the .npy header (64-byte aligned,
+# at most a few hundred bytes for any shape here). A frame that claims more is refused before
+# anything is allocated (no decompression bomb).
+_NPY_HEADER_SLACK = 4096
+_ZSTD = threading.local()  # one decompression context per thread
 
-def sample_members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """``{"__key__": k, "json": {...}, "latents": arr, ...}`` -> sorted (member name, bytes)."""
+
+class ChunkedRows:
+    """An ``npy.zst`` member, decompressed chunk by chunk as rows are asked for.
+
+    ``rows[i]`` and ``rows[a:b]`` decompress only the chunks holding those rows (a stage-C window
+    of 24 frames out of 150 touches 3 to 4 chunks of 8); ``np.asarray(rows)`` decompresses all.
+    Offsets, each frame's declared size, the arrays' dtype and shape are checked against the
+    sample's ``chunks`` entry; a mismatch raises :class:`ManifestError` naming the member."""
+
+    def __init__(self, data: Any, info: dict[str, Any], where: str):
+        self.data, self.where = memoryview(data).cast("B"), where
+        try:
+            self.shape = tuple(int(v) for v in info["shape"])
+            self.dtype = np.dtype(str(info["dtype"]))
+            self.rows = int(info["rows"])
+            self.offsets = [int(v) for v in info["offsets"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: bad chunk table ({e})") from None
+        n = self.shape[0] if self.shape else 0
+        chunks = -(-n // self.rows) if self.rows > 0 else -1
+        if (self.dtype.hasobject or not self.shape or chunks != len(self.offsets) - 1
+                or self.offsets[0] != 0 or self.offsets[-1] != len(self.data)
+                or any(b < a for a, b in zip(self.offsets, self.offsets[1:]))):
+            raise ManifestError(f"{where}: chunk table does not match the member "
+                                f"({len(self.data)} bytes, shape {self.shape}, rows {self.rows})")
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def chunk(self, c: int) -> np.ndarray:
+        """Rows ``c * rows`` up to ``(c + 1) * rows`` of the array."""
+        got = self._cache.get(c)
+        if got is not None:
+            return got
+        frame = self.data[self.offsets[c] : self.offsets[c + 1]]
+        want = min(self.rows, self.shape[0] - c * self.rows)
+        limit = want * self.row_bytes + _NPY_HEADER_SLACK
+        try:
+            size = zstandard.frame_content_size(frame)
+            if not 0 < size <= limit:
+                raise ValueError(f"frame declares {size} bytes, at most {limit} expected")
+            dctx = getattr(_ZSTD, "dctx", None) or _new_dctx()
+            arr = decode_npy(dctx.decompress(frame, max_output_size=limit))
+        except (zstandard.ZstdError, ValueError) as e:
+            raise ManifestError(f"{self.where}: chunk {c} unreadable ({e})") from None
+        if arr.dtype != self.dtype or arr.shape != (want, *self.shape[1:]):
+            raise ManifestError(f"{self.where}: chunk {c} is {arr.dtype}{list(arr.shape)}, the "
+                                f"chunk table says {self.dtype}{[want, *self.shape[1:]]}")
+        if len(self._cache) >= 4:  # a window's chunks; older ones are not read again
+            self._cache.clear()
+        self._cache[c] = arr
+        return arr
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(idx, (int, np.integer)):
+            i = int(idx) + (n if idx < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {idx} of {n}")
+            return self.chunk(i // self.rows)[i % self.rows]
+        if isinstance(idx, slice) and idx.step in (None, 1):
+            a, b, _ = idx.indices(n)
+            if b <= a:
+                return np.zeros((0, *self.shape[1:]), self.dtype)
+            parts = [self.chunk(c) for c in range(a // self.rows, (b - 1) // self.rows + 1)]
+            first = (a // self.rows) * self.rows
+            joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return joined[a - first : b - first]
+        return np.asarray(self)[idx]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[0 : self.shape[0]] if self.shape[0] else np.zeros(self.shape, self.dtype)
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def astype(self, dtype: Any) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+
+def _new_dctx() -> zstandard.ZstdDecompressor:
+    _ZSTD.dctx = zstandard.ZstdDecompressor()
+    return _ZSTD.dctx
+
+
+def decode_array(name: str, raw: dict[str, Any], meta: dict[str, Any], where: str,
+                 lazy: bool = True) -> np.ndarray | ChunkedRows | None:
+    """Feature ``name`` of a raw sample (``{"<name>.<suffix>": bytes, ...}``), in its contract
+    encoding; None when the sample has no such member. A member in another encoding than the
+    contract's (a shard of an older format) raises one line saying to re-run preprocessing.
+    ``lazy``: a multi-chunk npy.zst member comes back as :class:`ChunkedRows` (else decoded)."""
+    member = member_name(name)
+    if member not in raw:
+        others = [m for m in (f"{name}.{suf}" for suf in ENCODINGS.values()) if m in raw]
+        if others:
+            raise ManifestError(
+                f"{where}: {name} is stored as .{others[0].split('.', 1)[1]}, this code reads "
+                f".{member.split('.', 1)[1]}: a shard of an older format; re-run preprocessing "
+                f"(`just preprocess` rewrites the shards from the cache)")
+        return None
+    data = raw[member]
+    if member.endswith(".npy"):
+        return decode_npy(data)
+    info = (meta.get("chunks") or {}).get(name)
+    if info is None:
+        raise ManifestError(f"{where}: {member} has no chunk table in the sample's .json")
+    rows = ChunkedRows(data, info, f"{where}:{member}")
+    if lazy and len(rows.offsets) > 2:
+        return rows
+    return np.asarray(rows)
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Every array of a raw sample, decoded whole, plus its ``json`` (tests and tools)."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    meta = json.loads(bytes(raw["json"])) if not isinstance(raw["json"], dict) else raw["json"]
+    out: dict[str, Any] = {"json": meta}
+    for key in raw:
+        if key.startswith("__") or key == "json":
+            continue
+        name = key.split(".", 1)[0]
+        out[name] = decode_array(name, raw, meta, where, lazy=False)
+    return out
+
+
+def encode_chunks(arr: np.ndarray, rows: int, level: int) -> tuple[bytes, dict[str, Any]]:
+    """An ``npy.zst`` member: zstd frames of ``rows`` consecutive rows each (``rows <= 0``: one
+    frame), each a whole ``.npy``; and its ``chunks`` entry (frame byte offsets, len + 1)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim == 0:
+        raise ValueError("npy.zst needs an array with a first axis")
+    n = len(arr)
+    step = rows if rows > 0 else max(1, n)
+    cctx = zstandard.ZstdCompressor(level=level)  # writes the content size into each frame
+    parts, offsets = [], [0]
+    for i in range(0, n, step):
+        part = cctx.compress(encode_npy(arr[i : i + step]))
+        parts.append(part)
+        offsets.append(offsets[-1] + len(part))
+    return b"".join(parts), {"offsets": offsets, "rows": step, "shape": list(arr.shape),
+                             "dtype": arr.dtype.name}
+
+
+def chunk_rows(name: str, chunk_frames: int) -> int:
+    """Rows per zstd frame of feature ``name`` (0: the whole array in one frame)."""
+    spec = FEATURE_BY_NAME.get(name)
+    chunk = spec.chunk if spec is not None else CHUNK_WHOLE
+    return {CHUNK_WHOLE: 0, CHUNK_FRAMES: int(chunk_frames), CHUNK_ROW: 1}[chunk]
+
+
+def sample_members(sample: dict[str, Any], chunk_frames: int = 8,
+                   zstd_level: int = 19) -> list[tuple[str, bytes]]:
+    """``{"__key__": k, "json": {...}, "latents": arr, ...}`` -> sorted (member name, bytes),
+    each array in its contract encoding; the ``.json`` gets the ``chunks`` of the npy.zst ones."""
     key = sample["__key__"]
     if "/" in key or key.startswith(".") or "." in key:
         raise ValueError(f"bad sample key {key!r}: no '/', '.' allowed")
-    members = []
+    members, chunks, meta = [], {}, None
     for name, value in sample.items():
         if name == "__key__":
             continue
         if name == "json":
-            data = json.dumps(value, sort_keys=True, default=_json_default).encode()
-            members.append((f"{key}.json", data))
+            meta = value
+            continue
+        member = member_name(name)
+        if member.endswith(".npy.zst"):
+            data, chunks[name] = encode_chunks(np.asarray(value), chunk_rows(name, chunk_frames),
+                                               zstd_level)
         else:
-            members.append((f"{key}.{name}.npy", encode_npy(np.asarray(value))))
+            data = encode_npy(np.asarray(value))
+        members.append((f"{key}.{member}", data))
+    if meta is not None:
+        meta = {**meta, "chunks": dict(sorted(chunks.items()))}
+        members.append((f"{key}.json", json.dumps(meta, sort_keys=True,
+                                                  default=_json_default).encode()))
     return sorted(members)
 
 
@@ -105,11 +281,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def tar_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
+def tar_bytes(samples: Iterable[list[tuple[str, bytes]]]) -> bytes:
+    """A tar of the samples' (member name, bytes) lists, in order."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            for name, data in sample_members(sample):
+        for members in samples:
+            for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 info.mtime = 0
@@ -121,25 +298,31 @@ def tar_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
 
 
 class ShardWriter:
-    """Packs samples into ``<out_dir>/<prefix>-NNNNNN.tar`` of about ``target_bytes`` each."""
+    """Packs samples into ``<out_dir>/<prefix>-NNNNNN.tar`` of about ``target_bytes`` each
+    (encoded bytes: each sample is encoded as it is written)."""
 
     def __init__(self, out_dir: str, prefix: str = "train", target_bytes: int = 256 << 20,
-                 split: str | None = None, start_index: int = 0):
+                 split: str | None = None, start_index: int = 0, chunk_frames: int = 8,
+                 zstd_level: int = 19):
+        self.chunk_frames, self.zstd_level = int(chunk_frames), int(zstd_level)
         self.out_dir = out_dir
         self.prefix = prefix
         self.split = split or prefix
         self.target_bytes = int(target_bytes)
         self.index = start_index
-        self.pending: list[dict[str, Any]] = []
+        self.pending: list[list[tuple[str, bytes]]] = []  # each sample's encoded members
+        self.pending_frames = 0
         self.pending_bytes = 0
         self.shards: list[ShardInfo] = []
         storage.makedirs(out_dir)
 
     def write(self, sample: dict[str, Any]) -> None:
-        size = sum(np.asarray(v).nbytes for k, v in sample.items() if k not in ("__key__", "json"))
+        members = sample_members(sample, self.chunk_frames, self.zstd_level)
+        size = sum(len(d) for _, d in members)
         if self.pending and self.pending_bytes + size > self.target_bytes:
             self.flush()
-        self.pending.append(sample)
+        self.pending.append(members)
+        self.pending_frames += int(sample["json"].get("num_frames", 0))
         self.pending_bytes += size
 
     def flush(self) -> ShardInfo | None:
@@ -152,13 +335,13 @@ class ShardWriter:
             name=name,
             split=self.split,
             samples=len(self.pending),
-            frames=int(sum(s["json"].get("num_frames", 0) for s in self.pending)),
+            frames=self.pending_frames,
             bytes=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
         )
         self.shards.append(info)
         self.index += 1
-        self.pending, self.pending_bytes = [], 0
+        self.pending, self.pending_bytes, self.pending_frames = [], 0, 0
         return info
 
     def close(self) -> list[ShardInfo]:
@@ -195,8 +378,14 @@ def load_manifest(path: str) -> dict[str, Any]:
     if manifest.get("format_version") != SHARD_FORMAT_VERSION:
         raise ManifestError(
             f"{path}: shard format {manifest.get('format_version')} but this code reads "
-            f"{SHARD_FORMAT_VERSION}; re-run preprocessing"
+            f"{SHARD_FORMAT_VERSION}; re-run preprocessing on the same videos (`just preprocess`: "
+            f"the shards are rewritten from the cache, no extractor runs again)"
         )
+    for name, feat in (manifest.get("features") or {}).items():
+        enc = feat.get("encoding") if isinstance(feat, dict) else None
+        if enc not in ENCODINGS:
+            raise ManifestError(f"{path}: feature {name} has encoding {enc!r}; this code reads "
+                                f"{', '.join(ENCODINGS)}")
     base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
     for s in manifest["shards"]:
         s["url"] = ShardURL(storage.join(base, s["name"]), s.get("sha256"))

@@ -2,7 +2,7 @@
 
 ``sample_dataset`` -> Path of a ``manifest.json``: the real dance video (shared/samples) split by
 ffmpeg into two videos (0-7 s and 7-12 s, re-encoded at 540x960), preprocessed with the tiny
-profile (tiny registry models), the real mediapipe pose, 256x448, 24 fps, 48-frame segments.
+profile (tiny models), the real mediapipe pose, 256x448, 24 fps, 48-frame segments.
 It has train AND val splits, audio, faces (stand-in detector, pose fallback), latents, clip and
 thumbs. ``sample_dataset_dir`` is its output folder (shards, cache/, report.json);
 ``sample_videos_dir`` the two input clips; ``sample_dataset_cfg`` the PreprocessConfig used
@@ -21,7 +21,20 @@ from pathlib import Path
 import pytest
 
 __all__ = ["sample_videos_dir", "sample_dataset_cfg", "sample_dataset_dir", "sample_dataset",
-           "make_sample_clips", "sample_preprocess_config", "one_torch_thread"]
+           "make_sample_clips", "sample_preprocess_config", "one_torch_thread", "zstd_frames"]
+
+
+def zstd_frames(data: bytes) -> list[bytes]:
+    """Every zstd frame of an ``.npy.zst`` member, decompressed (zstandard alone, no project
+    code: each is a whole ``.npy``)."""
+    import zstandard
+
+    out, rest = [], bytes(data)
+    while rest:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out.append(d.decompress(rest))
+        rest = d.unused_data
+    return out
 
 # (name, start s, duration s or None for the rest)
 SAMPLE_CLIPS = (("dance_a.mp4", 0.0, 7.0), ("dance_b.mp4", 7.0, None))

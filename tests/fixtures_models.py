@@ -1,4 +1,4 @@
-"""Fixtures for the model registry: tiny models and stand-in ONNX files (registry work).
+"""Fixtures for pretrained components: the tiny profile's models and stand-in ONNX files.
 
 ``tiny_models_cfg`` is used by every area's tests: a ModelsConfig(profile="tiny") whose tiny
 models are built once per session. Do not mutate it; use ``dataclasses.replace`` for variants.
@@ -14,7 +14,7 @@ __all__ = ["tiny_models_cfg", "tiny_models_root"]
 @pytest.fixture(scope="session")
 def tiny_models_cfg(tmp_path_factory):
     from dwm.shared.config import ModelsConfig
-    from dwm.shared.registry import build_tiny
+    from dwm.shared.tiny import build_tiny
 
     models_dir = tmp_path_factory.mktemp("models")
     cfg = ModelsConfig(profile="tiny", models_dir=str(models_dir))
@@ -25,6 +25,6 @@ def tiny_models_cfg(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models_root(tiny_models_cfg):
     """``<models_dir>/tiny``: vae/, image_encoder/, unet/, dwpose/, insightface/models/<pack>/."""
-    from dwm.shared.registry import build_tiny
+    from dwm.shared.tiny import build_tiny
 
     return build_tiny(tiny_models_cfg.models_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from dwm.datasets import (TrainLoader, ViewA, ViewB, ViewC, batch_to_device, collate, eval_batches,
                           make_view)
@@ -62,8 +64,9 @@ def synthetic_sample(key: str, split: str, T: int, h: int, w: int, rng: np.rando
     face_embed = (ident + rng.normal(0, 0.05, (T, 512))).astype(np.float32)
     face_embed /= np.linalg.norm(face_embed, axis=1, keepdims=True)
     face_embed[~face_present] = 0
-    crops = rng.integers(0, 255, (T, 112, 112, 3), dtype=np.uint8)
-    crops[~face_present] = 0
+    # face crops on reference-candidate frames only, as the writer keeps them
+    crop_frames = np.flatnonzero(face_present)[::4].astype(np.int32)
+    crops = rng.integers(1, 255, (len(crop_frames), 112, 112, 3), dtype=np.uint8)
     thumbs = [cv2.imencode(".jpg", np.full((64, 36, 3), i, np.uint8))[1].tobytes() for i in range(T)]
     offsets = np.cumsum([0] + [len(b) for b in thumbs]).astype(np.int64)
     clip_frames = np.arange(0, T, 12, dtype=np.int32)
@@ -86,6 +89,7 @@ def synthetic_sample(key: str, split: str, T: int, h: int, w: int, rng: np.rando
         "face_embed": face_embed.astype(np.float16),
         "face_mask": (rng.random((T, h, w)) * 255 * face_present[:, None, None]).astype(np.uint8),
         "face_crop": crops,
+        "face_crop_frames": crop_frames,
         "face_ref_embed": ident,
         "latents": rng.normal(0, 1, (T, 4, h, w)).astype(np.float16),
         "clip_frames": clip_frames,
@@ -110,7 +114,7 @@ def write_synthetic_dataset(out: str | Path, n_train: int = 6, n_val: int = 2, T
     shards = []
     mel_all, base_all = [], []
     for split, n in (("train", n_train), ("val", n_val)):
-        writer = ShardWriter(out, prefix=split, target_bytes=1, split=split)
+        writer = ShardWriter(out, prefix=split, target_bytes=1 << 40, split=split)
         pending = 0
         for i in range(n):
             s = synthetic_sample(f"{split}{i:02d}abcdef12345_{i:04d}", split, T, h, w, rng,
@@ -118,7 +122,7 @@ def write_synthetic_dataset(out: str | Path, n_train: int = 6, n_val: int = 2, T
             if "audio_mel" in s:
                 mel_all.append(s["audio_mel"].astype(np.float64))
                 base_all.append(s["audio_baseline"].astype(np.float64))
-            writer.pending.append(s)  # exact shard sizes: per_shard samples per tar
+            writer.write(s)  # exact shard sizes: per_shard samples per tar
             pending += 1
             if pending == per_shard:
                 writer.flush()
@@ -128,7 +132,8 @@ def write_synthetic_dataset(out: str | Path, n_train: int = 6, n_val: int = 2, T
     stats = {"audio_mel": {"mean": mel.mean(0).tolist(), "std": mel.std(0).tolist()},
              "audio_baseline": {"mean": base.mean(0).tolist(), "std": base.std(0).tolist()}}
     features = {f.name: {"shape": [T if d == "T" else h if d == "h" else w if d == "w" else d
-                                   for d in f.shape], "dtype": f.dtype} for f in contract.FEATURES}
+                                   for d in f.shape], "dtype": f.dtype, "encoding": f.encoding}
+                for f in contract.FEATURES}
     return write_manifest(out, shards, features, stats)
 
 
@@ -368,12 +373,120 @@ def test_unsafe_members_rejected(tmp_path):
     # a pickled object array inside a .npy is refused by np.load(allow_pickle=False)
     buf = io.BytesIO()
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    _tar_with({"k.json": js, "k.audio_mel.npy": buf.getvalue()}, tmp_path / "c.tar")
+    _tar_with({"k.json": js, "k.latents.npy": buf.getvalue()}, tmp_path / "c.tar")
     raw = next(iter_tar_samples(str(tmp_path / "c.tar")))
     from dwm.datasets.views import decode_features
 
     with pytest.raises(ValueError, match="allow_pickle"):
+        decode_features(raw, ("latents",))
+    # ... and inside a zstd chunk of an .npy.zst member too
+    chunk = zstandard.compress(buf.getvalue())
+    meta = {"key": "k", "num_frames": 1, "chunks": {"audio_mel": {
+        "offsets": [0, len(chunk)], "rows": 1, "shape": [1], "dtype": "float16"}}}
+    _tar_with({"k.json": json.dumps(meta).encode(), "k.audio_mel.npy.zst": chunk},
+              tmp_path / "d.tar")
+    raw = next(iter_tar_samples(str(tmp_path / "d.tar")))
+    with pytest.raises(ManifestError, match="allow_pickle"):
         decode_features(raw, ("audio_mel",))
+
+
+def _one_sample(tmp_path: Path, sample: dict) -> dict:
+    writer = ShardWriter(str(tmp_path), target_bytes=1 << 40)
+    writer.write(sample)
+    (info,) = writer.close()
+    return next(iter_tar_samples(str(tmp_path / info.name)))
+
+
+def test_chunked_member_decodes_only_the_window(tmp_path):
+    """A T-frame window of a chunked member decompresses only its chunks: with every other
+    chunk's bytes destroyed, the window still reads, and reading a destroyed one fails loudly."""
+    from dwm.datasets.views import decode_features
+
+    rng = np.random.default_rng(0)
+    T, h, w = 40, 14, 8
+    heat = rng.integers(0, 256, (T, 18, h, w), dtype=np.uint8)
+    raw = _one_sample(tmp_path, {"__key__": "k", "json": {"key": "k", "num_frames": T},
+                                 "pose_heatmap": heat})
+    meta = json.loads(raw["json"])
+    offsets = meta["chunks"]["pose_heatmap"]["offsets"]
+    assert meta["chunks"]["pose_heatmap"]["rows"] == 8 and len(offsets) == T // 8 + 1
+    data = bytearray(raw["pose_heatmap.npy.zst"])
+    for c in (0, 3, 4):  # keep chunks 1 and 2: frames 8..23
+        data[offsets[c] : offsets[c + 1]] = bytes(offsets[c + 1] - offsets[c])
+    raw["pose_heatmap.npy.zst"] = memoryview(bytes(data))
+    feats = decode_features(raw, ("pose_heatmap",))
+    lazy = feats["pose_heatmap"]
+    assert lazy.shape == (T, 18, h, w) and lazy.dtype == np.uint8
+    assert np.array_equal(lazy[9:23], heat[9:23]) and np.array_equal(lazy[16], heat[16])
+    with pytest.raises(ManifestError, match="pose_heatmap.npy.zst: chunk 0 unreadable"):
+        lazy[5:12]
+
+
+def test_old_shards_and_unknown_encodings_are_refused_in_one_line(tmp_path, synth):
+    from dwm.datasets.views import decode_features
+
+    # a shard sample of format 1: every array a plain .npy member
+    old = {"k.json": json.dumps({"key": "k", "num_frames": 2}).encode()}
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 18, 4, 4), np.uint8))
+    old["k.pose_heatmap.npy"] = buf.getvalue()
+    _tar_with(old, tmp_path / "old.tar")
+    raw = next(iter_tar_samples(str(tmp_path / "old.tar")))
+    with pytest.raises(ManifestError) as e:
+        decode_features(raw, ("pose_heatmap",))
+    msg = str(e.value)
+    assert "\n" not in msg and "older format" in msg and "re-run preprocessing" in msg
+    # a manifest of format 1, and one declaring an encoding this code does not know
+    ds = tmp_path / "ds"
+    shutil.copytree(Path(synth).parent, ds)
+    m = json.loads((ds / "manifest.json").read_text())
+    for change, pattern in ((lambda m: m.update(format_version=1), "re-run preprocessing"),
+                            (lambda m: m["features"]["pose_heatmap"].update(encoding="npy.lz4"),
+                             "pose_heatmap has encoding 'npy.lz4'")):
+        bad = json.loads(json.dumps(m))
+        change(bad)
+        (ds / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ManifestError, match=pattern):
+            load_manifest(str(ds / "manifest.json"))
+
+
+def test_a_zstd_frame_larger_than_its_rows_is_refused(tmp_path):
+    """A chunk that declares more bytes than its rows can hold is refused before it is
+    decompressed (no decompression bomb)."""
+    from dwm.datasets.views import decode_features
+
+    big = io.BytesIO()
+    np.save(big, np.zeros((1 << 22,), np.uint8))
+    chunk = zstandard.compress(big.getvalue())
+    meta = {"key": "k", "num_frames": 1, "chunks": {"face_score": {
+        "offsets": [0, len(chunk)], "rows": 1, "shape": [1], "dtype": "float32"}}}
+    _tar_with({"k.json": json.dumps(meta).encode(), "k.face_score.npy.zst": chunk},
+              tmp_path / "bomb.tar")
+    raw = next(iter_tar_samples(str(tmp_path / "bomb.tar")))
+    with pytest.raises(ManifestError, match="declares 4194432 bytes"):
+        decode_features(raw, ("face_score",))
+
+
+def test_readme_reads_a_shard_with_webdataset_numpy_and_zstandard(synth):
+    """The README's few lines (no project code) read every member as the project does."""
+    import re
+
+    from dwm.shared.shards import decode_sample
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(# Read a shard without dwm.*?)```", readme, re.S).group(1)
+    assert "dwm" not in code.replace("# Read a shard without dwm", "")
+    url = load_manifest(synth)["shards"][0]["url"]
+    ns: dict = {}
+    exec(code.replace("data/train-000000.tar", str(url)), ns)  # noqa: S102 - our README
+    first = next(iter_tar_samples(str(url)))
+    want = decode_sample(first)
+    last = decode_sample(list(iter_tar_samples(str(url)))[-1])
+    for var, name in (("latents", "latents"), ("heatmaps", "pose_heatmap"),
+                      ("crops", "face_crop"), ("crop_frames", "face_crop_frames")):
+        assert np.array_equal(ns[var], last[name]), var
+    assert ns["array"](ns["wds"].WebDataset(str(url), shardshuffle=False).__iter__().__next__(),
+                       "face_mask").shape == want["face_mask"].shape
 
 
 # ---------------------------------------------------------------------------------------------

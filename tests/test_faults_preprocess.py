@@ -30,7 +30,7 @@ import pytest
 from badinput import BAND_ROWS, H, band_index, good_clip, make_corpus
 
 from dwm.shared.contract import decode_thumbs
-from dwm.shared.shards import decode_npy, load_manifest, verify_shards
+from dwm.shared.shards import decode_sample, load_manifest, verify_shards
 
 # tiny, fast settings: 64x112 crops, 24-frame segments, no heavy model extractors
 BASE_ARGS = ["profile=tiny", "decode.width=64", "decode.height=112", "decode.segment_frames=24",
@@ -53,7 +53,7 @@ def pp_args(videos: Path, out: Path, models_dir: str, *extra: str) -> list[str]:
 
 
 def samples_of(manifest_path: Path) -> dict[str, dict]:
-    """key -> {"json": meta, "<name>.npy": bytes} of every sample in the manifest's shards."""
+    """key -> {"json": meta, "<name>.<suffix>": bytes} of every sample in the manifest's shards."""
     from dwm.datasets import iter_tar_samples
 
     out = {}
@@ -67,7 +67,8 @@ def samples_of(manifest_path: Path) -> dict[str, dict]:
 
 def thumb_frames(raw: dict) -> list[int]:
     """Source frame index of every thumbnail, read from the timing band."""
-    blobs = decode_thumbs(decode_npy(raw["thumbs_jpeg.npy"]), decode_npy(raw["thumbs_offsets.npy"]))
+    arrays = decode_sample(raw)
+    blobs = decode_thumbs(arrays["thumbs_jpeg"], arrays["thumbs_offsets"])
     out = []
     for b in blobs:
         img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_GRAYSCALE)
@@ -161,15 +162,22 @@ def test_real_shards_hold_no_pickle(corpus_run):
     import io
     import tarfile
 
+    from fixtures_data import zstd_frames
+
     out = corpus_run[0]
     tars = sorted(out.glob("*.tar"))
     assert tars
     for t in tars:
         with tarfile.open(t) as tar:
             for m in tar.getmembers():
-                assert m.isreg() and m.name.endswith((".npy", ".json")), (t.name, m.name)
+                assert m.isreg() and m.name.endswith((".npy", ".npy.zst", ".json")), (t.name,
+                                                                                       m.name)
+                data = tar.extractfile(m).read()
                 if m.name.endswith(".npy"):  # no object arrays: loads without pickle
-                    np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
+                    np.load(io.BytesIO(data), allow_pickle=False)
+                elif m.name.endswith(".npy.zst"):  # zstd frames, each a whole .npy
+                    for chunk in zstd_frames(data):
+                        np.load(io.BytesIO(chunk), allow_pickle=False)
 
 
 def test_duplicate_and_symlink_are_computed_once(corpus, corpus_run):
@@ -195,7 +203,7 @@ def test_video_only_kept_for_bc_not_a(corpus_run):
     samples = [s for s in samples_of(out / "manifest.json").values()
                if s["json"]["source"] == "video_only.mp4"]
     assert samples and all(s["json"]["has_audio"] is False for s in samples)
-    assert all("audio_mel.npy" not in s for s in samples)
+    assert all(not k.startswith("audio_") for s in samples for k in s)
     stats = load_manifest(str(out / "manifest.json"))["stats"]
     assert not make_view("A", stats, None, audio_window=16).accepts(samples[0]["json"])
     assert make_view("C", stats, None).accepts(samples[0]["json"])

@@ -23,7 +23,7 @@ RESOLUTION = "64x128"  # latent 8x16: the tiny UNet's one downsampling needs eve
 
 def build_tiny_final(models_cfg: C.ModelsConfig, out: Path, video: bool = True) -> Path:
     """A DanceModel folder like training's final/: tiny M2PEncoder (+ the video model)."""
-    from dwm.shared import registry
+    from dwm.shared import pretrained
     from dwm.training.models.animator import build_video_components
     from dwm.training.models.dance_model import DanceModel
     from dwm.training.models.m2p import M2PEncoder
@@ -31,7 +31,7 @@ def build_tiny_final(models_cfg: C.ModelsConfig, out: Path, video: bool = True) 
     torch.manual_seed(0)
     parts = {"m2p": M2PEncoder.from_size("tiny")}
     if video:
-        parts.update(build_video_components(registry.load_unet(models_cfg), "tiny"))
+        parts.update(build_video_components(pretrained.load_unet(models_cfg), "tiny"))
         # a fresh pose guider outputs zeros; give it weights so the pose path is exercised
         torch.nn.init.normal_(parts["pose_guider"].proj_out.weight, std=0.02)
     DanceModel(**parts).save_pretrained(out)
@@ -47,6 +47,22 @@ def tiny_final(tiny_models_cfg, tmp_path_factory) -> Path:
 def tiny_final_stage_a(tiny_models_cfg, tmp_path_factory) -> Path:
     return build_tiny_final(tiny_models_cfg, tmp_path_factory.mktemp("ckpt_a") / "final",
                             video=False)
+
+
+@pytest.fixture(scope="session")
+def offcentre_dancer(dance_video, tmp_path_factory) -> Path:
+    """A photo of the sample dancer's whole body, shrunk to 55% and placed low on the left of a
+    plain background: somewhere and at a size no training clip has them."""
+    import cv2
+
+    tmp = tmp_path_factory.mktemp("offcentre")
+    frame = media.read_image(G.reference_from_video(dance_video, tmp / "frame.png", at=0.3))
+    h, w = frame.shape[:2]
+    small = cv2.resize(frame, (int(w * 0.55), int(h * 0.55)), interpolation=cv2.INTER_AREA)
+    photo = np.full_like(frame, 235)
+    y0, x0 = h - small.shape[0] - int(0.05 * h), int(0.04 * w)
+    photo[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
+    return Path(media.write_image(tmp / "offcentre.png", photo))
 
 
 def _cfg(tiny_models_cfg, **kw) -> C.GenerateConfig:

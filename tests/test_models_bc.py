@@ -81,9 +81,9 @@ def test_processors_are_where_they_belong(model, tiny_cfg):
     assert len(writers) == len(spatial_layers(model.unet, "attn1")) > 0
     assert all("temporal" not in n for n in writers)
     # processor weights are the ID adapter's: the UNet's state is a stock SVD UNet's
-    from dwm.shared import registry
+    from dwm.shared import pretrained
 
-    stock = registry.load_unet(tiny_cfg.models)
+    stock = pretrained.load_unet(tiny_cfg.models)
     assert set(model.unet.state_dict()) == set(stock.state_dict())
     assert any(".face_to_v." in n for n, _ in model.id_adapter.named_parameters())
 

@@ -4,6 +4,7 @@ manifest, cache and report; cache reuse and partial recompute."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -15,23 +16,21 @@ import pytest
 import zarr
 
 from dwm.shared import contract
-from dwm.shared.shards import decode_npy, load_manifest, verify_shards
+from dwm.shared.shards import decode_sample, load_manifest, verify_shards
 
 
 def _samples(manifest: dict) -> list[dict]:
+    """Every sample, each member decoded in its declared encoding (tar members read by
+    ``tarfile``, then :func:`dwm.shared.shards.decode_sample`)."""
     out = []
     for s in manifest["shards"]:
         with tarfile.open(s["url"]) as tar:
             groups: dict[str, dict] = {}
             for m in tar.getmembers():
                 key, rest = m.name.split(".", 1)
-                data = tar.extractfile(m).read()
-                g = groups.setdefault(key, {"__shard__": s["name"]})
-                if rest == "json":
-                    g["json"] = json.loads(data)
-                else:
-                    g[rest[: -len(".npy")]] = decode_npy(data)
-            out.extend(groups[k] for k in sorted(groups))
+                groups.setdefault(key, {"__key__": key})[rest] = tar.extractfile(m).read()
+            for k in sorted(groups):
+                out.append({**decode_sample(groups[k]), "__shard__": s["name"]})
     return out
 
 
@@ -83,6 +82,9 @@ def test_samples_follow_the_contract(samples, manifest):
         assert meta["has_audio"] is True and meta["fps"] == 24
         assert meta["split"] in s["__shard__"]
         assert sorted(meta["features"]) == sorted(k for k in s if k not in ("json", "__shard__"))
+        for name in meta["features"]:  # each member in the encoding the contract declares
+            assert name in meta["chunks"] or contract.FEATURE_BY_NAME[name].encoding == "npy"
+            assert manifest["features"][name]["encoding"] == contract.FEATURE_BY_NAME[name].encoding
         for name in meta["features"]:
             spec = contract.FEATURE_BY_NAME[name]
             arr = s[name]
@@ -93,7 +95,16 @@ def test_samples_follow_the_contract(samples, manifest):
         assert s["pose_body"].shape == (t, 18, 3) and s["pose_hands"].shape == (t, 42, 3)
         assert s["pose_face"].shape == (t, 68, 3) and s["pose_heatmap"].shape == (t, 18, 56, 32)
         assert s["latents"].shape == (t, 4, 56, 32)
-        assert s["face_mask"].shape == (t, 56, 32) and s["face_crop"].shape == (t, 112, 112, 3)
+        assert s["face_mask"].shape == (t, 56, 32)
+        # face crops on reference-candidate frames only: the best-scored face of every run of
+        # face_crop_every frames that has one
+        every = manifest["config"]["shards"]["face_crop_every"]
+        frames = s["face_crop_frames"]
+        assert s["face_crop"].shape == (len(frames), 112, 112, 3)
+        runs = [r for r in range(0, t, every) if s["face_present"][r : r + every].any()]
+        assert [int(f) // every for f in frames] == [r // every for r in runs]
+        assert s["face_present"][frames].all() and (s["face_crop"].reshape(len(frames), -1)
+                                                    .max(axis=1) > 0).all()
         assert s["face_ref_embed"].shape == (512,)
         assert len(s["thumbs_offsets"]) == t + 1 and s["thumbs_offsets"][-1] == len(s["thumbs_jpeg"])
         jpgs = contract.decode_thumbs(s["thumbs_jpeg"], s["thumbs_offsets"])
@@ -170,6 +181,54 @@ def test_second_run_does_no_work(sample_dataset_cfg, sample_dataset):
     assert sample_dataset.read_bytes() == before
 
 
+def test_old_format_shards_are_rewritten_from_the_cache(sample_dataset_cfg, sample_dataset_dir,
+                                                        sample_dataset, tmp_path):
+    """A dataset of shard format 1 (every array a plain .npy member): readers refuse it in one
+    line; re-running preprocessing on the same input rewrites it in the current format from the
+    cache, with no extractor call and no decode."""
+    import shutil
+
+    from dwm.datasets import TrainLoader, make_view
+    from dwm.preprocess.run import main
+    from dwm.shared.errors import ManifestError
+    from dwm.shared.shards import encode_npy
+
+    out = tmp_path / "old"
+    shutil.copytree(sample_dataset_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for s in manifest["shards"]:  # as format 1 wrote them
+        path = out / s["name"]
+        samples = _samples({"shards": [{"url": str(path), "name": s["name"]}]})
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for smp in samples:
+                key = smp["json"]["key"]
+                members = {f"{key}.json": json.dumps(smp["json"]).encode()}
+                members.update({f"{key}.{k}.npy": encode_npy(v) for k, v in smp.items()
+                                if k not in ("json", "__shard__")})
+                for name, data in sorted(members.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    manifest["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="re-run preprocessing") as e:
+        load_manifest(str(out / "manifest.json"))
+    assert "\n" not in str(e.value)
+
+    cfg = copy.deepcopy(sample_dataset_cfg)
+    cfg.out = str(out)
+    if not cfg.cache_dir:
+        cfg.cache_dir = str(out / "cache")
+    main(cfg)
+    rep = json.loads((out / "report.json").read_text())
+    assert all(n == 0 for n in rep["extractor_calls"].values()), rep["extractor_calls"]
+    assert rep["decoded_frames"] == 0
+    assert (out / "manifest.json").read_bytes() == sample_dataset.read_bytes()
+    m = load_manifest(str(out / "manifest.json"))
+    batch = next(iter(TrainLoader(m, make_view("C", m["stats"], None, sequence_length=8), 2)))
+    assert batch["latents"].shape[:2] == (2, 8)
+
+
 def test_workers_shared_cache_and_vae_change(sample_videos_dir, tiny_models_cfg, tmp_path):
     """Two worker processes fill a cache; a second dataset (another folder, the same videos plus
     a copy under another name) sharing that cache computes nothing and writes the same shards;
@@ -234,9 +293,9 @@ def _second_vae(cfg, tmp_path):
     """A copy of the tiny VAE with other weights (a 'changed VAE')."""
     import torch
 
-    from dwm.shared import registry
+    from dwm.shared.vae import load_vae
 
-    vae, _ = registry.load_vae(cfg.models)
+    vae, _ = load_vae(cfg.models)
     with torch.no_grad():
         for p in vae.parameters():
             p.mul_(0.5)

@@ -1,5 +1,5 @@
 """Extractors one by one: real TAESD latents and real decode on the sample video, tempo of the real
-music, the DWpose / insightface code paths on the registry's stand-in ONNX files, the main-dancer
+music, the DWpose / insightface code paths on the tiny profile's stand-in ONNX files, the main-dancer
 tracker, and the bad inputs the fault corpus does not cover (no person, too few frames,
 cover art only)."""
 
@@ -61,7 +61,7 @@ def test_taesd_latents_decode_back(few_frames, taesd_dir):
     """Real TAESD through the latents extractor: its latents decode back to the frames."""
     from dwm.preprocess.extractors import FrameBatch, VideoContext
     from dwm.preprocess.extractors.latents import LatentExtractor
-    from dwm.shared import registry
+    from dwm.shared import vae
 
     *_, cropped = few_frames
     cfg = build_preprocess_config(["profile=full", f"models.vae={taesd_dir}"])
@@ -74,7 +74,7 @@ def test_taesd_latents_decode_back(few_frames, taesd_dir):
     assert attrs["vae_class"] == "AutoencoderTiny" and attrs["scaling_factor"] == 1.0
     import torch
 
-    img = registry.decode_latents(ext.vae, torch.from_numpy(out["mean"].astype(np.float32)))
+    img = vae.decode_latents(ext.vae, torch.from_numpy(out["mean"].astype(np.float32)))
     rec = (img.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
     psnrs = [_psnr(r, c) for r, c in zip(rec, cropped[:3])]
     assert min(psnrs) >= 25, psnrs

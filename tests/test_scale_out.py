@@ -45,17 +45,12 @@ def preprocess(videos: Path, out: str, models_dir: str, *extra: str) -> int:
 def sample_set(manifest_path: str) -> dict[str, dict]:
     """key -> {member: decoded array or json} of every sample (order-free)."""
     from dwm.datasets import iter_tar_samples
-    from dwm.shared.shards import decode_npy
+    from dwm.shared.shards import decode_sample
 
     out = {}
     for s in load_manifest(manifest_path)["shards"]:
         for raw in iter_tar_samples(s["url"]):
-            item = {}
-            for k, v in raw.items():
-                if k == "json":
-                    item[k] = json.loads(v)
-                elif k.endswith(".npy"):
-                    item[k] = decode_npy(v)
+            item = decode_sample(raw)
             item["json"]["source"] = Path(item["json"]["source"]).name
             assert raw["__key__"] not in out
             out[raw["__key__"]] = item

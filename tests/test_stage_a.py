@@ -43,14 +43,14 @@ def test_real_view_a_batch(real_windows):
 
 
 def test_stage_a_loads_no_pretrained_model(real_windows, monkeypatch):
-    from dwm.shared import registry
+    from dwm.shared import weights
 
     def refuse(*a, **k):
         raise AssertionError("stage A must not load a pretrained component")
 
-    for name in ("load_vae", "load_clip", "load_unet", "insightface_root", "ensure_available"):
-        if hasattr(registry, name):
-            monkeypatch.setattr(registry, name, refuse)
+    # every pretrained component is located through these (the loaders call component_dir)
+    for name in ("component_dir", "dwpose_paths", "insightface_root", "ensure_available"):
+        monkeypatch.setattr(weights, name, refuse)
     cfg, batches = real_windows
     stage = get_stage("A")(cfg)
     model = stage.build_model(cfg, None)

@@ -286,7 +286,7 @@ def test_overfit_one_batch_loss_falls(real_batch_b):
 
     def loss_now():
         gen = torch.Generator().manual_seed(0)  # same noise every step: one fixed problem
-        terms = stage._losses(model, batch, 0, 100, sigma=sigma, generator=gen, dropout=0.0)
+        terms = stage.loss_terms(model, batch, 0, 100, sigma=sigma, generator=gen, dropout=0.0)
         return terms["diff"] + terms["id"]
 
     with torch.no_grad():
@@ -340,7 +340,7 @@ def test_arcface_identity_loss_form(real_batch_b, tmp_path):
     batch["face_mask"] = torch.zeros_like(batch["face_mask"])
     batch["face_mask"][:, 4:10, 2:6] = 1.0  # a face box in every target frame
     batch["face_valid"] = torch.ones_like(batch["face_valid"])
-    terms = stage._losses(model, batch, 0, 20, sigma=torch.full((2,), 0.5),
+    terms = stage.loss_terms(model, batch, 0, 20, sigma=torch.full((2,), 0.5),
                           generator=torch.Generator().manual_seed(0), dropout=0.0)
     assert 0.0 < terms["id"].item() <= 2.0
     terms["id"].backward()

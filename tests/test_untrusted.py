@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_data import zstd_frames
 from test_datasets import write_synthetic_dataset
 
 from dwm.shared.config import build_train_config
@@ -295,8 +296,9 @@ def test_the_writer_refuses_object_arrays(tmp_path):
     from dwm.shared.shards import ShardWriter
 
     w = ShardWriter(str(tmp_path), target_bytes=1)
-    w.write({"__key__": "k", "json": {"num_frames": 1}, "x": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(ValueError, match="allow_pickle"):
+        w.write({"__key__": "k", "json": {"num_frames": 1},
+                 "x": np.array([{"a": 1}], dtype=object)})
         w.close()
     assert not list(tmp_path.glob("*.tar"))
 
@@ -305,10 +307,14 @@ def test_synthetic_and_real_writer_shards_hold_no_pickle(synth):
     for s in load_manifest(synth)["shards"]:
         with tarfile.open(s["url"]) as tar:
             for m in tar.getmembers():
-                assert m.isreg() and m.name.endswith((".npy", ".json")), m.name
+                assert m.isreg() and m.name.endswith((".npy", ".npy.zst", ".json")), m.name
                 data = tar.extractfile(m).read()
                 assert not data.startswith(PICKLE_MAGIC), m.name
-                if m.name.endswith(".npy"):
+                if m.name.endswith(".npy.zst"):  # every zstd frame is a whole .npy
+                    for chunk in zstd_frames(data):
+                        assert not chunk.startswith(PICKLE_MAGIC), m.name
+                        np.load(io.BytesIO(chunk), allow_pickle=False)  # no object dtype
+                elif m.name.endswith(".npy"):
                     np.load(io.BytesIO(data), allow_pickle=False)  # no object dtype
 
 

@@ -12,7 +12,6 @@ the squared error of ``denoised`` by (sigma^2 + 1) / sigma^2, which is 1 on F's 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -108,7 +107,3 @@ def euler_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         if callback is not None:
             callback(i, x)
     return x
-
-
-def sigma_from_c_noise(c_noise: float) -> float:
-    return math.exp(4.0 * c_noise)

@@ -48,7 +48,8 @@ class GroupRule:
     doc: str = ""
 
 
-# Seed design, issue 5. Order matters: the first matching rule claims a parameter.
+# The freeze matrix of README "Training: the three-stage curriculum", as data. Order matters:
+# the first matching rule claims a parameter.
 FREEZE_MATRIX: tuple[GroupRule, ...] = (
     GroupRule("m2p", r"^m2p\.", {
         "A": TRAIN("stage_a_lr"),

@@ -1,7 +1,7 @@
 """Losses of stages B and C.
 
 - ``diffusion_loss`` (L_diff): EDM-weighted MSE between the denoised latents and the target
-  latents (the seed's ``MSE(model_pred, target_latents)`` with SVD's weighting).
+  latents (the plain ``MSE(model_pred, target_latents)``, with SVD's weighting).
 - ``face_region_loss`` (L_id, latent form, the default): the same weighted error inside the
   soft face mask, times ``face_mask_weight - 1``; so ``L_diff + L_id`` is exactly the MSE with
   weight ``face_mask_weight`` (3) inside the face and 1 outside (StableAnimator's face-masked
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+
+from dwm.shared.vae import decode_latents
 
 from . import edm
 
@@ -246,8 +248,6 @@ def make_face_decoder(vae: torch.nn.Module, scaling_factor: float,
     """``decode_faces`` for :func:`arcface_identity_loss`: scaled (N, C, h, w) latents -> VAE
     decode (with gradient) -> square crop around the face mask's box -> (N, 3, 112, 112).
     The crop is box-based, not 5-point aligned (the target frame's landmarks are not in view B)."""
-    from dwm.shared.registry import decode_latents
-
     boxes, _ = face_boxes_from_masks(face_mask, grow=1.2)
 
     def decode(latents: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dwm.shared.config import PreprocessConfig
+from dwm.shared.config import ConfigError, PreprocessConfig
 
 from .audio import AudioExtractor
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
@@ -24,8 +24,6 @@ FRAME_ORDER = ("face", "latents", "clip", "thumbs")
 def build(cfg: PreprocessConfig, device: str = "cpu") -> dict[str, Extractor]:
     unknown = [n for n in cfg.extractors if n not in REGISTRY]
     if unknown:
-        from dwm.shared.config import ConfigError
-
         raise ConfigError(f"unknown extractor(s) {unknown} in 'extractors' (known: {list(REGISTRY)})")
     return {n: REGISTRY[n](cfg, device) for n in REGISTRY if n in cfg.extractors}
 

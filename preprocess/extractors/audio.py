@@ -1,43 +1,24 @@
 """Music features per video frame (librosa): log-mel, the 35-d FACT/EDGE baseline set, tempo, beats.
 
-The audio stream is decoded by ffmpeg with an explicit ``-map 0:a:0`` (a cover-art picture stream
-is never mistaken for the content). Features are computed at librosa's own hop (a multiple of 64,
-which chroma_cens' CQT needs) and then sampled at each video frame's time, so any video fps works.
+The audio stream is decoded by :func:`dwm.shared.media.load_audio` (ffmpeg with an explicit
+``-map 0:a:0``, so a cover-art picture stream is never mistaken for the content). Features are
+computed at librosa's own hop (a multiple of 64, which chroma_cens' CQT needs) and then sampled
+at each video frame's time, so any video fps works.
 Events (onset peaks, beats) are placed on the nearest video frame.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+import librosa
 import numpy as np
 
 from dwm.shared.contract import AUDIO_BASELINE_DIM
+from dwm.shared.media import load_audio
 
 from .base import ArraySpec, Extractor, VideoContext
-
-
-class AudioDecodeError(RuntimeError):
-    pass
-
-
-def load_audio(path: str, sr: int, max_seconds: float = 0) -> np.ndarray:
-    """Mono float32 of the file's first audio stream at ``sr`` Hz."""
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise AudioDecodeError("ffmpeg not found on PATH (Debian/Ubuntu: apt-get install ffmpeg)")
-    cmd = [exe, "-nostdin", "-v", "error", "-i", path]
-    if max_seconds and max_seconds > 0:
-        cmd += ["-t", f"{max_seconds:.6f}"]
-    cmd += ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sr)), "-f", "f32le", "-"]
-    res = subprocess.run(cmd, capture_output=True)
-    if res.returncode != 0:
-        err = res.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioDecodeError(f"{path}: ffmpeg cannot decode its audio ({err[-1] if err else 'error'})")
-    return np.frombuffer(res.stdout, dtype="<f4").astype(np.float32)
 
 
 @dataclass
@@ -82,6 +63,7 @@ def _memoize_cqt_filters(max_entries: int = 64) -> None:
     short clip. The bank depends only on its arguments (sample rate, frequencies, ...), so the
     first result per argument set is kept and a copy is handed out (librosa rescales it in
     place). The numbers are the same; where librosa has no such function it is left alone."""
+    # deferred: importing constantq compiles librosa's numba kernels (seconds, up to ~30 s cold)
     from librosa.core import constantq
 
     name = "__vqt_filter_fft"  # module-level: called by this plain name inside constantq
@@ -126,16 +108,11 @@ class AudioExtractor(Extractor):
                                   "onset env 1, MFCC 20, chroma_cens 12, onset peak 1, beat 1"),
         }
 
-    def setup(self) -> None:
-        import librosa  # noqa: F401  (import cost once per process)
-
     def process(self, batch: AudioBatch) -> dict[str, Any]:
-        import librosa
-
         ctx = self.ctx
         sr, hop = int(self.cfg.audio.sample_rate), self.hop_length
         seconds = ctx.num_frames / ctx.fps
-        y = load_audio(batch.path, sr, max_seconds=seconds + 1.0)
+        y, _ = load_audio(batch.path, sr, duration=seconds + 1.0)
         n = ctx.num_frames
         feat_fps = sr / hop
         # an audio track shorter than the video is padded with silence, so every frame has

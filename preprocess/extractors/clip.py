@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+
+from dwm.shared import pretrained
 
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
 
@@ -26,12 +29,7 @@ class ClipExtractor(Extractor):
                 "clip": {"profile": m.profile, "clip": m.clip, "svd": m.svd if not m.clip else ""}}
 
     def setup(self) -> None:
-        import torch
-
-        from dwm.shared import registry
-
-        self.torch = torch
-        self.model, self.preprocess_fn = registry.load_clip(self.cfg.models, device=self.device)
+        self.model, self.preprocess_fn = pretrained.load_clip(self.cfg.models, device=self.device)
         self.model.eval()
         self.dim = int(self.model.config.projection_dim)
 
@@ -48,7 +46,6 @@ class ClipExtractor(Extractor):
         return np.flatnonzero(seg_offset % max(1, every) == 0)
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
-        torch = self.torch
         rows = self.selected(batch.seg_offset, self.cfg.clip.every_n_frames)
         if len(rows) == 0:
             return {"frames": np.zeros(0, np.int32), "embed": np.zeros((0, self.dim), np.float16)}

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dwm.shared import weights
 from dwm.shared.contract import FACE_CROP_SIZE, FACE_EMBED_DIM
 
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext, onnx_providers
@@ -86,11 +87,9 @@ class FaceExtractor(Extractor):
                 "models": {"profile": m.profile, "pack": m.insightface_pack}}
 
     def setup(self) -> None:
-        from insightface.app import FaceAnalysis
+        from insightface.app import FaceAnalysis  # deferred: optional, and seconds to import
 
-        from dwm.shared import registry
-
-        root, pack = registry.insightface_root(self.cfg.models)
+        root, pack = weights.insightface_root(self.cfg.models)
         app = FaceAnalysis(name=pack, root=str(root), allowed_modules=["detection", "recognition"],
                            providers=onnx_providers(self.device))
         d = int(self.cfg.face.det_size)
@@ -134,7 +133,7 @@ class FaceExtractor(Extractor):
         return int(np.argmax(areas * bboxes[:, 4]))
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
-        from insightface.utils.face_align import norm_crop
+        from insightface.utils.face_align import norm_crop  # deferred: optional (see setup)
 
         ctx = self.ctx
         H, W = batch.frames.shape[1:3]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from dwm.shared import vae
 from dwm.shared.contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE
 
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
@@ -31,14 +33,9 @@ class LatentExtractor(Extractor):
                 "vae": {"profile": m.profile, "vae": m.vae, "svd": m.svd if not m.vae else ""}}
 
     def setup(self) -> None:
-        import torch
-
-        from dwm.shared import registry
-
-        self.torch = torch
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.vae, self.scaling_factor = registry.load_vae(self.cfg.models, device=self.device,
-                                                          dtype=self.dtype)
+        self.vae, self.scaling_factor = vae.load_vae(self.cfg.models, device=self.device,
+                                                     dtype=self.dtype)
         self.vae.eval()
 
     def arrays(self, ctx: VideoContext) -> dict[str, ArraySpec]:
@@ -49,11 +46,8 @@ class LatentExtractor(Extractor):
         return specs
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
-        from dwm.shared import registry
-
-        torch = self.torch
         if not self.cfg.latents.store_std:
-            mean = registry.encode_latents(self.vae, batch.frames)
+            mean = vae.encode_latents(self.vae, batch.frames)
             return {"mean": mean.float().cpu().numpy().astype(np.float16)}
         x = torch.from_numpy(np.ascontiguousarray(batch.frames)).permute(0, 3, 1, 2)
         x = (x.to(self.device, self.dtype) / 127.5) - 1.0

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dwm.shared import weights
 from dwm.shared.contract import NUM_BODY_JOINTS, NUM_FACE_POINTS, NUM_HAND_JOINTS
 
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
@@ -151,7 +152,7 @@ class MainDancerTracker:
 
 class _MediapipeBackend:
     def __init__(self, device: str):
-        import mediapipe as mp
+        import mediapipe as mp  # deferred: optional, only the mediapipe backend needs it
 
         self.mp = mp
         self.pose = None
@@ -177,11 +178,9 @@ class _MediapipeBackend:
 
 class _DWposeBackend:
     def __init__(self, models_cfg, device: str):
-        from rtmlib import YOLOX, RTMPose
+        from rtmlib import YOLOX, RTMPose  # deferred: only the dwpose backend needs it
 
-        from dwm.shared import registry
-
-        det_path, pose_path = registry.dwpose_paths(models_cfg)
+        det_path, pose_path = weights.dwpose_paths(models_cfg)
         dev = "cuda" if device == "cuda" else "cpu"
         self.det = YOLOX(str(det_path), model_input_size=(640, 640), backend="onnxruntime",
                          device=dev)

@@ -45,7 +45,7 @@ SVD_SCALING_FACTOR = 0.18215
 # sigma at which the ReferenceNet sees the (clean) reference frame
 REFERENCE_SIGMA = edm.SIGMA_MIN
 
-# Sizes of the small trainable modules for each model size (the UNet's come from the registry).
+# Sizes of the small trainable modules for each model size (the UNet's come from its config.json).
 POSE_GUIDER_SIZES = {"full": (32, 64, 128), "tiny": (8, 16)}
 ID_ADAPTER_SIZES = {  # inner_dim, depth, heads
     "full": dict(inner_dim=768, depth=2, heads=8),
@@ -135,10 +135,10 @@ def build_dance_model(cfg: Any, stage: str, init_path: str | Path | None = None,
     """The DanceModel for stage ``stage`` ("B" or "C"; "A" gives the M2PEncoder alone).
 
     ``init_path``: a DanceModel folder; components it lacks (e.g. the video model after stage A)
-    are built fresh: the UNet from the registry (SVD weights, or the tiny profile's model), the
+    are built fresh: the UNet from dwm.shared.pretrained (SVD weights, or the tiny profile's model), the
     ReferenceNet as a copy of it, pose guider and ID adapter at initialisation.
     """
-    from dwm.shared import registry
+    from dwm.shared import pretrained
 
     components: dict[str, nn.Module] = {}
     if init_path:
@@ -151,7 +151,7 @@ def build_dance_model(cfg: Any, stage: str, init_path: str | Path | None = None,
             if "unet" in components:
                 raise ValueError(f"{init_path}: has a UNet but lacks {missing}; a DanceModel "
                                  "folder holds either no video model (after stage A) or all of it")
-            components.update(build_video_components(registry.load_unet(cfg.models),
+            components.update(build_video_components(pretrained.load_unet(cfg.models),
                                                      cfg.model_size,
                                                      face_tokens=cfg.face_tokens))
     model = DanceModel(**components).to(device)

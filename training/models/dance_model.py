@@ -46,7 +46,7 @@ class DanceModel(nn.Module):
         own diffusers checkpointing (res blocks, spatial transformer blocks), plus the denoising
         UNet's temporal transformer blocks, which diffusers' SVD checkpointing leaves out and
         which hold most of a stage-C step's activations (a full-size 512x896, T=24 step:
-        about 74 GiB without them, 31 GiB with them; ``python bench/gpu.py --estimate-memory``)."""
+        about 74 GiB without them, 31 GiB with them; ``dwm bench estimate_memory=true``)."""
         for comp in self.components().values():
             if getattr(comp, "_supports_gradient_checkpointing", False):
                 comp.enable_gradient_checkpointing()

@@ -23,10 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dwm.shared.errors import UserFacingError
+from dwm.shared.vae import load_vae
 from dwm.training import edm, losses, schedules
 from dwm.training.models.animator import (SVD_SCALING_FACTOR, Conditioning, build_dance_model,
                                           conditioning_latent, denoise)
 from dwm.training.models.dance_model import DanceModel
+from dwm.training.models.m2p import logits_to_heatmaps
 
 from .base import Stage
 
@@ -61,8 +64,6 @@ class VideoStage(Stage):
         """M2PEncoder outputs: (heatmap logits (B, F, K, H, W), heatmaps on the latent ``grid``
         (B, F, K, h, w) in [0, 1], face embedding (B, 512)); detached unless it ``trains``.
         ``frames``: (B,) index of the one frame per sample to keep, or None for all."""
-        from dwm.training.models.m2p import logits_to_heatmaps
-
         m2p = model.m2p
         m2p.train(trains and model.training)
         # BatchNorm keeps stage A's statistics: per-device batches of the video stages are tiny
@@ -151,9 +152,11 @@ class StageB(VideoStage):
     def total_steps(self, cfg: Any) -> int:
         return int(cfg.stage_b_steps)
 
-    def _losses(self, model: DanceModel, batch: dict[str, Any], step: int, total_steps: int,
-                sigma: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                dropout: float | None = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: DanceModel, batch: dict[str, Any], step: int, total_steps: int,
+                   sigma: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   dropout: float | None = None) -> dict[str, torch.Tensor]:
+        """The unweighted loss terms of one micro-batch (L_diff, L_id, L_heat): what
+        :meth:`compute_loss` weights and the validation and memory estimate reuse."""
         cfg = self.cfg
         ratio = schedules.scheduled_sampling_ratio(step, total_steps,
                                                    cfg.scheduled_sampling_fraction)
@@ -185,9 +188,6 @@ class StageB(VideoStage):
         pickled with the stage)."""
         cached = self.__dict__.get("_identity_models")
         if cached is None:
-            from dwm.shared.errors import UserFacingError
-            from dwm.shared.registry import load_vae
-
             if not self.cfg.arcface_weights:
                 raise UserFacingError(
                     "id_loss_form=arcface needs arcface_weights=<folder with config.json and "
@@ -219,7 +219,7 @@ class StageB(VideoStage):
 
     def compute_loss(self, model: DanceModel, batch: dict[str, Any], step: int,
                      total_steps: int) -> tuple[torch.Tensor, dict[str, float]]:
-        terms = self._losses(model, batch, step, total_steps)
+        terms = self.loss_terms(model, batch, step, total_steps)
         total = weighted_total(self.cfg, terms)
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["scheduled_sampling"] = schedules.scheduled_sampling_ratio(
@@ -255,7 +255,7 @@ def validation_losses(stage: VideoStage, model: DanceModel, val_batches: list[di
                 gen = torch.Generator().manual_seed(VALIDATION_SEED)
                 b = batch["ref_latent"].shape[0]
                 sigma = torch.full((b,), sigma_value, device=batch["ref_latent"].device)
-                terms = stage._losses(model, batch, step, total_steps, sigma=sigma, generator=gen,
+                terms = stage.loss_terms(model, batch, step, total_steps, sigma=sigma, generator=gen,
                                       dropout=0.0)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v)

@@ -42,9 +42,9 @@ class StageC(VideoStage):
     def on_step_start(self, step: int, total_steps: int) -> None:
         self.current_length = self.sequence_length(step, total_steps)
 
-    def _losses(self, model: DanceModel, batch: dict[str, Any], step: int, total_steps: int,
-                sigma: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                dropout: float | None = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: DanceModel, batch: dict[str, Any], step: int, total_steps: int,
+                   sigma: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   dropout: float | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         m2p_trains = schedules.m2p_trains("C", cfg, step, total_steps) and model.training
         gt_pose = batch["heatmap"].float()  # (B, T, K, h, w)
@@ -66,7 +66,7 @@ class StageC(VideoStage):
 
     def compute_loss(self, model: DanceModel, batch: dict[str, Any], step: int,
                      total_steps: int) -> tuple[torch.Tensor, dict[str, float]]:
-        terms = self._losses(model, batch, step, total_steps)
+        terms = self.loss_terms(model, batch, step, total_steps)
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["seq_len"] = float(batch["latents"].shape[1])
         return weighted_total(self.cfg, terms), logs

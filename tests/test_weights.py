@@ -1,5 +1,6 @@
-"""The model registry: tiny models, stand-in ONNX files under the real loaders, full-weight
-resolution (local folder, `dwm models` mirror, HF cache) and its errors, and the wheel."""
+"""Pretrained weights: the tiny profile's models and stand-in ONNX files under the real loaders,
+full-weight resolution (local folder, `dwm models` mirror, HF cache) and its errors, the VAE
+helpers, and the wheel."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from dwm.shared import registry as R
+from dwm.shared import pretrained as P
+from dwm.shared import tiny
+from dwm.shared import vae as V
+from dwm.shared import weights as W
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import ModelsConfig
 
@@ -60,28 +64,26 @@ def offline_empty_cache(monkeypatch, tmp_path):
 # tiny models
 # ----------------------------------------------------------------------------------------------
 def test_tiny_tree_layout_and_classes(tiny_models_cfg, tiny_models_root, offline_empty_cache):
-    R.ensure_available(tiny_models_cfg, list(R.COMPONENTS))  # all local, nothing downloaded
+    W.ensure_available(tiny_models_cfg, list(W.COMPONENTS))  # all local, nothing downloaded
     root = tiny_models_root
     for sub in ("vae", "image_encoder", "unet"):
         assert (root / sub / "config.json").is_file()
         assert list((root / sub).glob("*.safetensors")), sub
         assert not list((root / sub).glob("*.bin")), "weights must be safetensors only"
     assert json.loads((root / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
-    cfg = R.unet_config(tiny_models_cfg)
+    cfg = W.unet_config(tiny_models_cfg)
     assert cfg["_class_name"] == "UNetSpatioTemporalConditionModel"
     assert cfg["cross_attention_dim"] == 32 and cfg["in_channels"] == 8
     clip_cfg = json.loads((root / "image_encoder" / "config.json").read_text())
     assert clip_cfg["projection_dim"] == cfg["cross_attention_dim"]
     # the same call on a built tree is a no-op (stamp matches)
     stamp = (root / "STAMP").read_text()
-    assert R.build_tiny(tiny_models_cfg.models_dir) == root
+    assert tiny.build_tiny(tiny_models_cfg.models_dir) == root
     assert (root / "STAMP").read_text() == stamp
 
 
 def test_tiny_definitions_are_deterministic():
-    from dwm.shared import tiny_models
-
-    a, b = tiny_models.build_vae().state_dict(), tiny_models.build_vae().state_dict()
+    a, b = tiny.models.build_vae().state_dict(), tiny.models.build_vae().state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -90,7 +92,7 @@ def test_stale_stamp_rebuilds_atomically(tiny_models_root, tmp_path):
     shutil.copytree(tiny_models_root, models_dir / "tiny")
     (models_dir / "tiny" / "STAMP").write_text("old-version\n")
     (models_dir / "tiny" / "leftover.txt").write_text("from the old build")
-    root = R.build_tiny(models_dir)
+    root = tiny.build_tiny(models_dir)
     assert (root / "STAMP").read_text() == (tiny_models_root / "STAMP").read_text()
     assert not (root / "leftover.txt").exists()
     # nothing half-built or old is left beside it
@@ -112,17 +114,17 @@ def _roundtrip(model, tmp_path, forward, load):
 def test_tiny_vae_roundtrip_and_helpers(tiny_models_cfg, tmp_path):
     from diffusers import AutoencoderKL
 
-    vae, sf = R.load_vae(tiny_models_cfg)
+    vae, sf = V.load_vae(tiny_models_cfg)
     assert isinstance(vae, AutoencoderKL) and sf == pytest.approx(0.18215)
     img = np.random.RandomState(0).randint(0, 256, (2, 64, 96, 3), dtype=np.uint8)
-    z = _roundtrip(vae, tmp_path, lambda m: R.encode_latents(m, img),
+    z = _roundtrip(vae, tmp_path, lambda m: V.encode_latents(m, img),
                    lambda p: AutoencoderKL.from_pretrained(p))
     assert z.shape == (2, 4, 8, 12)  # 8x downsampling, 4 latent channels
     # uint8 NHWC and float NCHW in [0,1] are the same input
     f = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255
-    assert torch.allclose(R.encode_latents(vae, f), z, atol=1e-5)
-    assert torch.allclose(R.encode_latents(vae, img, batch_size=1), z, atol=1e-5)
-    x = R.decode_latents(vae, z)
+    assert torch.allclose(V.encode_latents(vae, f), z, atol=1e-5)
+    assert torch.allclose(V.encode_latents(vae, img, batch_size=1), z, atol=1e-5)
+    x = V.decode_latents(vae, z)
     assert x.shape == (2, 3, 64, 96) and 0 <= x.min() and x.max() <= 1
 
 
@@ -134,24 +136,24 @@ def test_vae_helpers_drive_svd_temporal_decoder():
     vae = AutoencoderKLTemporalDecoder(
         down_block_types=("DownEncoderBlock2D",) * 2, block_out_channels=(32, 32),
         layers_per_block=1, latent_channels=4).eval()
-    assert R.vae_kind(vae) == "temporal"
+    assert V.vae_kind(vae) == "temporal"
     img = np.random.RandomState(1).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    z = R.encode_latents(vae, img)
+    z = V.encode_latents(vae, img)
     assert z.shape == (4, 4, 16, 16)
-    assert R.decode_latents(vae, z, num_frames=2).shape == (4, 3, 32, 32)
-    assert R.decode_latents(vae, z, batch_size=2).shape == (4, 3, 32, 32)
+    assert V.decode_latents(vae, z, num_frames=2).shape == (4, 3, 32, 32)
+    assert V.decode_latents(vae, z, batch_size=2).shape == (4, 3, 32, 32)
 
 
 def test_tiny_clip_roundtrip_and_preprocess(tiny_models_cfg, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    model, pre = R.load_clip(tiny_models_cfg)
+    model, pre = P.load_clip(tiny_models_cfg)
     assert isinstance(model, CLIPVisionModelWithProjection)
     imgs = [np.full((120, 80, 3), 128, np.uint8), np.zeros((50, 70, 3), np.uint8)]
     px = pre(imgs)
     size = model.config.image_size
     assert px.shape == (2, 3, size, size)
-    expect = (128 / 255 - np.array(R.CLIP_MEAN)) / np.array(R.CLIP_STD)
+    expect = (128 / 255 - np.array(P.CLIP_MEAN)) / np.array(P.CLIP_STD)
     assert np.allclose(px[0, :, size // 2, size // 2].numpy(), expect, atol=1e-3)
     emb = _roundtrip(model, tmp_path, lambda m: m(pixel_values=px).image_embeds,
                      lambda p: CLIPVisionModelWithProjection.from_pretrained(p))
@@ -164,7 +166,7 @@ def test_tiny_clip_roundtrip_and_preprocess(tiny_models_cfg, tmp_path):
 def test_tiny_unet_roundtrip_and_forward(tiny_models_cfg, tmp_path):
     from diffusers import UNetSpatioTemporalConditionModel
 
-    unet = R.load_unet(tiny_models_cfg)
+    unet = P.load_unet(tiny_models_cfg)
     g = torch.Generator().manual_seed(0)
     b, t = 1, 2
     sample = torch.randn(b, t, 8, 8, 8, generator=g)
@@ -185,13 +187,13 @@ def test_taesd_from_local_folder_reconstructs_video(taesd_dir, dance_video, offl
     from diffusers import AutoencoderTiny
 
     cfg = ModelsConfig(profile="full", vae=str(taesd_dir), models_dir="/nonexistent")
-    R.ensure_available(cfg, ["vae"])
-    vae, sf = R.load_vae(cfg)
-    assert isinstance(vae, AutoencoderTiny) and sf == 1.0 and R.vae_kind(vae) == "tiny"
+    W.ensure_available(cfg, ["vae"])
+    vae, sf = V.load_vae(cfg)
+    assert isinstance(vae, AutoencoderTiny) and sf == 1.0 and V.vae_kind(vae) == "tiny"
     frames = _frames(dance_video, [0, 12], width=256, height=448)  # portrait, as the video
-    z = R.encode_latents(vae, frames, batch_size=1)
+    z = V.encode_latents(vae, frames, batch_size=1)
     assert z.shape == (2, 4, 56, 32)
-    rec = R.decode_latents(vae, z).permute(0, 2, 3, 1).numpy()
+    rec = V.decode_latents(vae, z).permute(0, 2, 3, 1).numpy()
     mse = np.mean((rec - frames / 255.0) ** 2)
     psnr = 10 * np.log10(1.0 / mse)
     print(f"TAESD PSNR on 2 dance frames at 256x448: {psnr:.2f} dB")
@@ -201,39 +203,39 @@ def test_taesd_from_local_folder_reconstructs_video(taesd_dir, dance_video, offl
 def test_svd_pipeline_folder_resolves_subfolders(tiny_models_root, offline_empty_cache):
     """profile=full with models.svd = a local pipeline folder: vae/, image_encoder/, unet/."""
     cfg = ModelsConfig(profile="full", svd=str(tiny_models_root), models_dir="/nonexistent")
-    R.ensure_available(cfg, ["vae", "clip", "unet"])
-    assert R.component_dir(cfg, "clip") == tiny_models_root / "image_encoder"
-    assert R.unet_config(cfg)["block_out_channels"] == [32, 64]
+    W.ensure_available(cfg, ["vae", "clip", "unet"])
+    assert W.component_dir(cfg, "clip") == tiny_models_root / "image_encoder"
+    assert W.unet_config(cfg)["block_out_channels"] == [32, 64]
     # an explicit component folder wins over the SVD default
     cfg2 = dataclasses.replace(cfg, svd=SVD, unet=str(tiny_models_root / "unet"))
-    assert R.component_dir(cfg2, "unet") == tiny_models_root / "unet"
+    assert W.component_dir(cfg2, "unet") == tiny_models_root / "unet"
 
 
 def test_missing_full_weights_name_id_and_just_models(tmp_path, offline_empty_cache):
     cfg = ModelsConfig(profile="full", models_dir=str(tmp_path / "models"))
     for comp, sub in (("vae", "vae"), ("clip", "image_encoder"), ("unet", "unet")):
-        with pytest.raises(R.MissingWeightError) as ei:
-            R.ensure_available(cfg, [comp])
+        with pytest.raises(W.MissingWeightError) as ei:
+            W.ensure_available(cfg, [comp])
         msg = str(ei.value)
         assert isinstance(ei.value, FileNotFoundError) and isinstance(ei.value, UserFacingError)
         assert SVD in msg and sub in msg and "just models" in msg and str(tmp_path) in msg
         assert "\n" not in msg
-    with pytest.raises(R.MissingWeightError) as ei:
-        R.ensure_available(cfg, ["dwpose"])
+    with pytest.raises(W.MissingWeightError) as ei:
+        W.ensure_available(cfg, ["dwpose"])
     assert "yolox_l.onnx" in str(ei.value) and "just models" in str(ei.value)
-    assert R.DWPOSE_REPO in str(ei.value)
+    assert W.DWPOSE_REPO in str(ei.value)
     # an empty insightface pack (insightface itself would raise a bare AssertionError)
     pack = tmp_path / "models" / "insightface" / "models" / "antelopev2"
     pack.mkdir(parents=True)
-    with pytest.raises(R.MissingWeightError) as ei:
-        R.insightface_root(cfg)
+    with pytest.raises(W.MissingWeightError) as ei:
+        W.insightface_root(cfg)
     msg = str(ei.value)
     assert str(pack) in msg and "antelopev2.zip" in msg and "just models" in msg and "empty" in msg
     # a local override folder that does not exist is named too
-    with pytest.raises(R.MissingWeightError, match="nope"):
-        R.ensure_available(dataclasses.replace(cfg, vae="./nope"), ["vae"])
+    with pytest.raises(W.MissingWeightError, match="nope"):
+        W.ensure_available(dataclasses.replace(cfg, vae="./nope"), ["vae"])
     with pytest.raises(ValueError, match="unknown component"):
-        R.ensure_available(cfg, ["vea"])
+        W.ensure_available(cfg, ["vea"])
 
 
 def test_mirror_and_hf_cache_are_found_offline(tmp_path, tiny_models_root, offline_empty_cache):
@@ -241,8 +243,8 @@ def test_mirror_and_hf_cache_are_found_offline(tmp_path, tiny_models_root, offli
     # 1) the mirror `dwm models` writes: <models_dir>/hf/<repo>/<subfolder>
     mirror = tmp_path / "models" / "hf" / SVD / "vae"
     shutil.copytree(tiny_models_root / "vae", mirror)
-    assert R.component_dir(cfg, "vae") == mirror
-    vae, _ = R.load_vae(cfg)
+    assert W.component_dir(cfg, "vae") == mirror
+    vae, _ = V.load_vae(cfg)
     assert type(vae).__name__ == "AutoencoderKL"
     # 2) the Hugging Face cache layout (models--org--name/snapshots/<commit>/<subfolder>)
     commit = "0" * 40
@@ -251,18 +253,18 @@ def test_mirror_and_hf_cache_are_found_offline(tmp_path, tiny_models_root, offli
     shutil.copytree(tiny_models_root / "image_encoder", snapshot / "image_encoder")
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(commit)
-    found = R.component_dir(cfg, "clip")
+    found = W.component_dir(cfg, "clip")
     assert found == repo_dir / "snapshots" / commit / "image_encoder"
-    model, pre = R.load_clip(cfg)
+    model, pre = P.load_clip(cfg)
     assert model(pixel_values=pre([np.zeros((32, 32, 3), np.uint8)])).image_embeds.shape == (1, 32)
     # the UNet is in neither place
-    with pytest.raises(R.MissingWeightError, match="unet"):
-        R.load_unet(cfg)
+    with pytest.raises(W.MissingWeightError, match="unet"):
+        P.load_unet(cfg)
 
 
 def test_download_plan_and_tiny_download_main(tmp_path, tiny_models_cfg, capsys, taesd_dir):
     cfg = ModelsConfig(profile="full", models_dir=str(tmp_path / "m"))
-    plan = R.download_plan(cfg)
+    plan = W.download_plan(cfg)
     comps = [c for c, _, _ in plan]
     assert comps == ["vae", "clip", "unet", "dwpose", "dwpose", "insightface"]
     srcs = " ".join(s for _, s, _ in plan)
@@ -271,8 +273,8 @@ def test_download_plan_and_tiny_download_main(tmp_path, tiny_models_cfg, capsys,
     assert plan[3][2] == tmp_path / "m" / "dwpose" / "yolox_l.onnx"
     # a local override needs no download
     local_vae = dataclasses.replace(cfg, vae=str(taesd_dir))
-    assert "vae" not in [c for c, _, _ in R.download_plan(local_vae)]
-    assert R.download_main(tiny_models_cfg) == 0
+    assert "vae" not in [c for c, _, _ in W.download_plan(local_vae)]
+    assert W.download_main(tiny_models_cfg) == 0
     assert "tiny" in capsys.readouterr().out
     # and through the CLI, as `dwm models profile=tiny`
     from dwm.shared.cli import main
@@ -287,7 +289,7 @@ def test_download_plan_and_tiny_download_main(tmp_path, tiny_models_cfg, capsys,
 def test_standin_onnx_signatures(tiny_models_cfg):
     import onnxruntime as ort
 
-    det, pose = R.dwpose_paths(tiny_models_cfg)
+    det, pose = W.dwpose_paths(tiny_models_cfg)
 
     def sig(path):
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -302,7 +304,7 @@ def test_standin_onnx_signatures(tiny_models_cfg):
 def test_dwpose_standins_run_in_rtmlib(tiny_models_cfg, dance_frames, dance_face):
     from rtmlib import Wholebody
 
-    det, pose = R.dwpose_paths(tiny_models_cfg)
+    det, pose = W.dwpose_paths(tiny_models_cfg)
     wb = Wholebody(det=str(det), det_input_size=(640, 640), pose=str(pose),
                    pose_input_size=(288, 384), backend="onnxruntime", device="cpu")
     results = []
@@ -332,7 +334,7 @@ def test_insightface_standins_run_in_faceanalysis(tiny_models_cfg, dance_face, d
     from insightface.app import FaceAnalysis
 
     cfg = dataclasses.replace(tiny_models_cfg, insightface_pack=pack)
-    root, name = R.insightface_root(cfg)
+    root, name = W.insightface_root(cfg)
     assert name == pack
     app = FaceAnalysis(name=name, root=root, allowed_modules=["detection", "recognition"],
                        providers=["CPUExecutionProvider"])
@@ -370,12 +372,12 @@ def test_wheel_contains_packages_and_configs(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     shipped = {Path(n).name for n in names if n.startswith("dwm/shared/configs/")}
     assert shipped == {p.name for p in (REPO / "shared" / "configs").glob("*.yaml")}
-    assert "dwm/shared/registry.py" in names and "dwm/shared/onnx_standins.py" in names
+    assert "dwm/shared/weights.py" in names and "dwm/shared/tiny/onnx.py" in names
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(whl).extractall(unpacked)
     code = (
         "import dwm.shared, dwm.shared.config as c, dwm.preprocess, dwm.datasets, dwm.training;"
-        "import dwm.shared.registry;"
+        "import dwm.shared.weights, dwm.shared.tiny;"
         f"assert dwm.shared.__file__.startswith({str(unpacked)!r}), dwm.shared.__file__;"
         "assert c.config_file('stage_A').is_file();"
         "print('ok')"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 TINY_VERSION = "3"
 SEED = 0
 
@@ -37,7 +39,7 @@ TINY_CLIP = dict(
     projection_dim=32,
 )
 
-# UNetSpatioTemporalConditionModel (ENVIRONMENT.md: channels must be multiples of 32).
+# UNetSpatioTemporalConditionModel: channels must be multiples of 32 (its GroupNorms have 32 groups).
 TINY_UNET = dict(
     sample_size=None,
     in_channels=8,  # noisy latents + conditioning-frame latents, as SVD
@@ -55,8 +57,9 @@ TINY_UNET = dict(
 )
 
 
+# diffusers and transformers are imported in the builders: they take seconds, and every
+# tiny-profile run imports this module (for the stamp) while few of them build the models.
 def build_vae():
-    import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED)
@@ -64,7 +67,6 @@ def build_vae():
 
 
 def build_clip():
-    import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(SEED + 1)
@@ -72,7 +74,6 @@ def build_clip():
 
 
 def build_unet():
-    import torch
     from diffusers import UNetSpatioTemporalConditionModel
 
     torch.manual_seed(SEED + 2)

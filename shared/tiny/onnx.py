@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18
 IR_VERSION = 8
@@ -41,9 +43,6 @@ class _Graph:
     """A very small builder over onnx.helper: every op returns its (single) output name."""
 
     def __init__(self, prefix: str):
-        from onnx import helper, numpy_helper
-
-        self.helper, self.numpy_helper = helper, numpy_helper
         self.prefix = prefix
         self.nodes: list = []
         self.inits: list = []
@@ -55,7 +54,7 @@ class _Graph:
 
     def const(self, value, dtype=np.float32, hint: str = "c") -> str:
         name = self._name(hint)
-        self.inits.append(self.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def ints(self, *values: int) -> str:
@@ -66,7 +65,7 @@ class _Graph:
         # Node names deliberately do not start with "Sub"/"Mul": insightface reads that pattern
         # in the first nodes as an mxnet-style graph and would change its input normalisation.
         self.nodes.append(
-            self.helper.make_node(op_type, list(inputs), [out], name=f"n{self.n}_{op_type.lower()}",
+            helper.make_node(op_type, list(inputs), [out], name=f"n{self.n}_{op_type.lower()}",
                                   **attrs)
         )
         return out
@@ -91,13 +90,11 @@ class _Graph:
         return self.const(np.float32(v), hint="s")
 
     def save(self, path: Path, inputs: list, outputs: list, doc: str) -> Path:
-        import onnx
-
-        graph = self.helper.make_graph(self.nodes, self.prefix, inputs, outputs, self.inits)
-        model = self.helper.make_model(
+        graph = helper.make_graph(self.nodes, self.prefix, inputs, outputs, self.inits)
+        model = helper.make_model(
             graph,
-            opset_imports=[self.helper.make_opsetid("", OPSET)],
-            producer_name="dwm.shared.onnx_standins",
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="dwm.shared.tiny.onnx",
             doc_string=doc,
         )
         model.ir_version = IR_VERSION
@@ -108,8 +105,6 @@ class _Graph:
 
 
 def _tensor(name: str, shape: list) -> object:
-    from onnx import TensorProto, helper
-
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 

@@ -1,56 +1,45 @@
-"""One registry for every pretrained component: where it comes from, whether it is here, how it
-loads. Everything else in the project goes through these functions.
+"""Where each pretrained component's weights are, and ``dwm models``, which downloads them.
 
 Components (names used by :func:`ensure_available`):
 
 * ``vae``   SVD's ``AutoencoderKLTemporalDecoder`` (``<svd>/vae``), or any local/HF folder
-            holding an ``AutoencoderKL`` or ``AutoencoderTiny`` (TAESD): the class comes from config.json.
-* ``clip``  ``CLIPVisionModelWithProjection`` (``<svd>/image_encoder``).
-* ``unet``  ``UNetSpatioTemporalConditionModel`` (``<svd>/unet``).
+            holding an ``AutoencoderKL`` or ``AutoencoderTiny`` (TAESD); loaded by :mod:`.vae`.
+* ``clip``  ``CLIPVisionModelWithProjection`` (``<svd>/image_encoder``); :mod:`.pretrained`.
+* ``unet``  ``UNetSpatioTemporalConditionModel`` (``<svd>/unet``); :mod:`.pretrained`.
 * ``dwpose`` ONNX files ``yolox_l.onnx`` + ``dw-ll_ucoco_384.onnx`` (HF repo ``yzd-v/DWPose``)
             under ``<models_dir>/dwpose/``.
 * ``insightface`` a model pack at ``<models_dir>/insightface/models/<pack>/*.onnx``.
 
-Where a Hugging Face component is looked for, in order: an explicit local folder; the mirror that
+A Hugging Face component is looked for, in order, in: an explicit local folder; the mirror that
 ``dwm models`` writes (``<models_dir>/hf/<repo id>/<subfolder>``); the Hugging Face cache. With
 ``HF_HUB_OFFLINE=1`` nothing is downloaded and a missing component raises
 :class:`MissingWeightError`, whose one-line message names the id/file, where it goes, and says
 ``just models`` downloads it. Without it, a missing HF component is fetched into the HF cache.
 
-``profile="tiny"`` replaces the defaults with random-init models of the same classes and stand-in
-ONNX files (:mod:`dwm.shared.tiny_models`, :mod:`dwm.shared.onnx_standins`), built once into
-``<models_dir>/tiny`` and then loaded through the same ``from_pretrained`` code. Explicit
-``vae``/``clip``/``unet`` overrides are honoured in both profiles.
+``profile="tiny"`` points every default at the fixtures of :mod:`dwm.shared.tiny`, loaded
+through the same ``from_pretrained`` code. Explicit ``vae``/``clip``/``unet`` overrides are
+honoured in both profiles.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from huggingface_hub import constants, hf_hub_download, snapshot_download, try_to_load_from_cache
 
-from .errors import UserFacingError
 from .config import ModelsConfig
+from .errors import UserFacingError
+from .tiny import build_tiny
 
 COMPONENTS = ("vae", "clip", "unet", "dwpose", "insightface")
 # component -> subfolder of the SVD repo
 SVD_SUBFOLDERS = {"vae": "vae", "clip": "image_encoder", "unet": "unet"}
 DWPOSE_REPO = "yzd-v/DWPose"
 INSIGHTFACE_RELEASES = "https://github.com/deepinsight/insightface/releases"
-# CLIP's normalisation (OpenAI); SVD's feature extractor uses the same numbers.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLTemporalDecoder")
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/[\w.\-/]+)?$")
 
@@ -68,8 +57,6 @@ def _offline() -> bool:
         return True
     if env in ("0", "OFF", "NO", "FALSE"):
         return False
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE)
 
 
@@ -81,7 +68,7 @@ def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors*"))
 
 
-def _variant(folder: Path) -> str | None:
+def safetensors_variant(folder: Path) -> str | None:
     """None when plain safetensors are there; "fp16" when only the fp16 variant is."""
     files = [p.name for p in folder.glob("*.safetensors*")]
     if any(".fp16." not in f for f in files):
@@ -92,79 +79,6 @@ def _variant(folder: Path) -> str | None:
 def _hf_mirror(cfg: ModelsConfig, repo: str, sub: str | None) -> Path:
     d = _models_dir(cfg) / "hf" / repo
     return d / sub if sub else d
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Inter-process lock (fcntl) so parallel workers do not build the tiny models twice."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# ----------------------------------------------------------------------------------------------
-# tiny profile
-# ----------------------------------------------------------------------------------------------
-_STAMP_CACHE: list[str] = []
-
-
-def _tiny_stamp() -> str:
-    """Changes whenever the tiny definitions (or the libraries that serialise them) change."""
-    if _STAMP_CACHE:
-        return _STAMP_CACHE[0]
-    from importlib.metadata import version
-
-    from . import onnx_standins, tiny_models
-
-    h = hashlib.sha256()
-    for mod in (tiny_models, onnx_standins):
-        h.update(Path(mod.__file__).read_bytes())
-    # package metadata, not imports: the ONNX-only callers need not import diffusers
-    h.update(" ".join(version(p) for p in ("diffusers", "transformers", "onnx")).encode())
-    _STAMP_CACHE.append(f"{tiny_models.TINY_VERSION}-{h.hexdigest()[:16]}")
-    return _STAMP_CACHE[0]
-
-
-def build_tiny(models_dir: str | os.PathLike) -> Path:
-    """Build (once) the tiny models and stand-in ONNX files; returns ``<models_dir>/tiny``.
-
-    Built in a temporary folder and renamed into place, so a crash never leaves a half-built
-    tree; a stamp makes a changed definition rebuild.
-    """
-    models_dir = Path(models_dir).expanduser().absolute()
-    root = models_dir / "tiny"
-    stamp = _tiny_stamp()
-    stamp_file = root / "STAMP"
-    if stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
-        return root
-    from . import onnx_standins, tiny_models
-
-    with _file_lock(models_dir / ".tiny.lock"):
-        if stamp_file.is_file() and stamp_file.read_text().strip() == stamp:
-            return root  # another process built it while we waited
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=models_dir))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the tree is meant to be shared
-        try:
-            tiny_models.save_all(tmp)
-            onnx_standins.build_all(tmp)
-            (tmp / "STAMP").write_text(stamp + "\n")
-            old = None
-            if root.exists():
-                old = models_dir / f".tiny-old-{uuid.uuid4().hex[:8]}"
-                root.rename(old)
-            tmp.rename(root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +118,6 @@ def _pick_folder(folder: Path, default_sub: str | None, component: str) -> Path:
 
 
 def _download_hf(repo: str, sub: str | None, component: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = [f"{sub}/config.json", f"{sub}/*.safetensors*"] if sub else [
         "config.json", "*.safetensors*"]
     try:
@@ -232,8 +144,6 @@ def _resolve_hf(cfg: ModelsConfig, component: str, repo: str, sub: str | None,
     mirror = _hf_mirror(cfg, repo, sub)
     if _has_weights(mirror):
         return mirror
-    from huggingface_hub import try_to_load_from_cache
-
     hit = try_to_load_from_cache(repo, f"{sub}/config.json" if sub else "config.json")
     if isinstance(hit, str) and _has_weights(Path(hit).parent):
         return Path(hit).parent
@@ -349,163 +259,16 @@ def ensure_available(cfg: ModelsConfig, components: Iterable[str] | str) -> None
 
 
 # ----------------------------------------------------------------------------------------------
-# loaders
+# config.json of a located folder (the loaders in vae.py and pretrained.py read it too)
 # ----------------------------------------------------------------------------------------------
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     with open(folder / "config.json") as fh:
         return json.load(fh)
 
 
-def load_vae(cfg: ModelsConfig, device="cpu", dtype=None) -> tuple[Any, float]:
-    """(vae, scaling_factor). The class (AutoencoderKL, AutoencoderTiny,
-    AutoencoderKLTemporalDecoder) comes from the folder's config.json ``_class_name``.
-    Use :func:`encode_latents` / :func:`decode_latents` to hide their differences."""
-    import diffusers
-    import torch
-
-    folder = component_dir(cfg, "vae")
-    name = _read_config(folder).get("_class_name", "")
-    if name not in VAE_CLASSES:
-        raise UserFacingError(
-            f"{folder}/config.json: _class_name '{name}' is not a supported VAE ({VAE_CLASSES})"
-        )
-    vae = getattr(diffusers, name).from_pretrained(
-        folder, torch_dtype=dtype or torch.float32, use_safetensors=True, variant=_variant(folder)
-    )
-    vae = vae.to(device).eval()
-    return vae, float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-
-
-def load_clip(cfg: ModelsConfig, device="cpu", dtype=None) -> tuple[Any, Callable]:
-    """(CLIPVisionModelWithProjection, preprocess_fn).
-
-    ``preprocess_fn(list of HxWx3 uint8 RGB arrays) -> [N,3,S,S]`` tensor on the model's device
-    and dtype: resized to the model's ``image_size`` (stretched with antialiasing, as SVD's
-    pipeline does) and normalised with CLIP's mean/std. No processor config is needed.
-    """
-    import torch
-    from transformers import CLIPVisionModelWithProjection
-
-    folder = component_dir(cfg, "clip")
-    model = CLIPVisionModelWithProjection.from_pretrained(
-        folder, dtype=dtype or torch.float32, use_safetensors=True, variant=_variant(folder)
-    ).to(device).eval()
-    return model, make_clip_preprocess(model)
-
-
-def make_clip_preprocess(model) -> Callable:
-    import torch
-    import torch.nn.functional as F
-
-    size = int(model.config.image_size)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-
-    def preprocess(images: Sequence[np.ndarray]) -> torch.Tensor:
-        p = next(model.parameters())
-        out = []
-        for img in images:
-            arr = np.asarray(img)
-            if arr.ndim != 3 or arr.shape[2] != 3:
-                raise ValueError(f"CLIP preprocess expects HxWx3 RGB images, got {arr.shape}")
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
-            t = t / 255.0 if arr.dtype == np.uint8 else t
-            t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0, 1)
-            out.append((t - mean) / std)
-        if not out:
-            raise ValueError("CLIP preprocess got no images")
-        return torch.cat(out).to(device=p.device, dtype=p.dtype)
-
-    preprocess.image_size = size  # type: ignore[attr-defined]
-    return preprocess
-
-
-def load_unet(cfg: ModelsConfig, device="cpu", dtype=None):
-    """UNetSpatioTemporalConditionModel from the resolved folder."""
-    import torch
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    folder = component_dir(cfg, "unet")
-    return UNetSpatioTemporalConditionModel.from_pretrained(
-        folder, torch_dtype=dtype or torch.float32, use_safetensors=True, variant=_variant(folder)
-    ).to(device).eval()
-
-
 def unet_config(cfg: ModelsConfig) -> dict:
     """The UNet's config.json as a dict (no weights loaded)."""
-    return _read_config(component_dir(cfg, "unet"))
-
-
-# ----------------------------------------------------------------------------------------------
-# VAE helpers that hide the class differences
-# ----------------------------------------------------------------------------------------------
-def vae_kind(vae) -> str:
-    """"kl" (AutoencoderKL), "temporal" (AutoencoderKLTemporalDecoder) or "tiny" (TAESD)."""
-    name = type(vae).__name__
-    return {"AutoencoderTiny": "tiny", "AutoencoderKLTemporalDecoder": "temporal"}.get(name, "kl")
-
-
-def _to_pixels(images, device, dtype):
-    """uint8 NHWC/NCHW or float [0,1] NCHW/NHWC (array or tensor) -> NCHW in [-1, 1]."""
-    import torch
-
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-    if t.ndim == 3:
-        t = t[None]
-    if t.ndim != 4:
-        raise ValueError(f"expected images [N,H,W,3] or [N,3,H,W], got shape {tuple(t.shape)}")
-    if t.shape[1] != 3 and t.shape[-1] == 3:
-        t = t.permute(0, 3, 1, 2)
-    if t.shape[1] != 3:
-        raise ValueError(f"expected 3 colour channels, got shape {tuple(t.shape)}")
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    return (t * 2.0 - 1.0).to(device=device, dtype=dtype)
-
-
-def _batches(n: int, batch_size: int | None):
-    step = n if not batch_size or batch_size <= 0 else batch_size
-    return [(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
-
-
-def encode_latents(vae, images, batch_size: int | None = None, grad: bool = False):
-    """Images -> UNSCALED latents (the posterior mean for KL VAEs). Multiply by the scaling
-    factor from :func:`load_vae` for diffusion. ``images``: uint8 (0..255) or float (0..1),
-    NHWC or NCHW, array or tensor. Small batches are faster on CPU (ENVIRONMENT.md)."""
-    import torch
-
-    p = next(vae.parameters())
-    x = _to_pixels(images, p.device, p.dtype)
-    kind = vae_kind(vae)
-    out = []
-    with contextlib.nullcontext() if grad else torch.no_grad():
-        for a, b in _batches(x.shape[0], batch_size):
-            enc = vae.encode(x[a:b])
-            out.append(enc.latents if kind == "tiny" else enc.latent_dist.mean)
-    return torch.cat(out)
-
-
-def decode_latents(vae, latents, num_frames: int | None = None, batch_size: int | None = None,
-                   grad: bool = False):
-    """UNSCALED latents [N,4,h,w] -> float images [N,3,8h,8w] in [0, 1].
-
-    The temporal decoder of SVD decodes ``num_frames`` consecutive latents together
-    (default: each batch as one clip)."""
-    import torch
-
-    p = next(vae.parameters())
-    z = latents.to(device=p.device, dtype=p.dtype)
-    kind = vae_kind(vae)
-    out = []
-    with contextlib.nullcontext() if grad else torch.no_grad():
-        for a, b in _batches(z.shape[0], batch_size):
-            if kind == "temporal":
-                frames = num_frames or (b - a)
-                x = vae.decode(z[a:b], num_frames=frames).sample
-            else:
-                x = vae.decode(z[a:b]).sample
-            out.append(((x.float() + 1.0) / 2.0).clamp(0, 1))
-    return torch.cat(out)
+    return read_config(component_dir(cfg, "unet"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,8 +313,6 @@ def download_main(cfg: ModelsConfig) -> int:
     for comp, src, dest in plan:
         print(f"  {comp:<12} {src}  ->  {dest}")
     # `just` exports HF_HUB_OFFLINE=1 for every recipe; this one command is meant to go online.
-    from huggingface_hub import constants, hf_hub_download, snapshot_download
-
     constants.HF_HUB_OFFLINE = False
     os.environ["HF_HUB_OFFLINE"] = "0"
     failures = []
@@ -568,6 +329,7 @@ def download_main(cfg: ModelsConfig) -> int:
             elif comp == "dwpose":
                 hf_hub_download(DWPOSE_REPO, dest.name, local_dir=dest.parent)
             else:
+                # deferred: insightface is optional and only this download uses it here
                 from insightface.utils.storage import download
 
                 download("models", dest.name, root=str(dest.parent.parent))

@@ -8,6 +8,8 @@ py := venv + "/bin/python"
 dwm := venv + "/bin/dwm"
 export HF_HUB_OFFLINE := env_var_or_default("HF_HUB_OFFLINE", "1")
 export TOKENIZERS_PARALLELISM := "false"
+# onnxruntime (pose and face models) sends usage telemetry unless told not to
+export ORT_DISABLE_TELEMETRY := "1"
 
 default:
     @just --list

@@ -47,9 +47,11 @@ from dwm.shared.synthetic import AUDIO_SR, beat_track
 
 # Set before gradio is imported and before the server starts: the page works with the network
 # closed and reports on nobody (gradio's usage analytics and version check, Hugging Face
-# telemetry, a public share tunnel, the MCP and node servers are all off).
+# telemetry, onnxruntime's telemetry (read when its first session is made), a public share
+# tunnel, the MCP and node servers are all off).
 OFFLINE_ENV = {
     "GRADIO_ANALYTICS_ENABLED": "False",
+    "ORT_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_OFFLINE": "1",
     "GRADIO_SHARE": "False",

@@ -367,7 +367,7 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
     res["clips_with_beats"] = len(beat_rows["ground_truth"])
     res["_per_joint"] = per_joint
     res["_bas_per_clip"] = [r["bas"] for r in beat_rows["model"]]
-    first = next((k for k, b in enumerate(beats_of) if b), 0)
+    first = int(np.argmax([len(b) for b in beats_of]))  # the clip with the most music beats
     res["_beat_example"] = {"clip": clips[first].meta.get("key"), "fps": clips[first].fps,
                             "music_beats": beats_of[first],
                             "poses": {name: seqs[name][first] for name in

@@ -362,6 +362,7 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
         row["seed_diversity"] = _nanmean(seed_div[name])
     res["bas_random_beats"] = _nanmean(bas_rand)
     res["diversity_frames"] = length
+    res["diversity_sub_clips"] = len(real_feats)
     res["seeds"] = seeds
     res["clips"] = len(clips)
     res["clips_with_beats"] = len(beat_rows["ground_truth"])
@@ -503,8 +504,9 @@ def markdown_table(report: dict[str, Any]) -> str:
              f"({a['clips_with_beats']} with music beats).", "",
              "## Stage A: music -> pose (M2PEncoder)", "",
              "Each column is scored by the same code on the same clips: " +
-             DEFINITIONS["predictors"] + f". FID_k / Div_k over {a['diversity_frames']}-frame "
-             "sub-clips.", "",
+             DEFINITIONS["predictors"] + f". FID_k / Div_k over {a['diversity_sub_clips']} "
+             f"ground-truth sub-clips of {a['diversity_frames']} frames (few sub-clips make "
+             "FID_k unstable).", "",
              "| metric | " + " | ".join(PREDICTOR_TITLES[n] for n in names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for label, key, digits in STAGE_A_ROWS:

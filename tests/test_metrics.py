@@ -560,3 +560,16 @@ def test_bas_histogram_and_per_joint_pck_pngs(tmp_path):
     assert _is_png(out)
     with pytest.raises(ValueError):
         plots.plot_per_joint_pck(np.ones(5), tmp_path / "bad.png")
+
+
+def test_beat_alignment_png(tmp_path):
+    from dwm.generate import plots
+
+    beats = np.arange(12, 90, 12)
+    dance = _stop_and_go(beats, 96)
+    out = plots.plot_beat_alignment({"ground truth": dance, "frozen": _body(96)}, beats, 24,
+                                    tmp_path / "beats.png")
+    assert _is_png(out)
+    with pytest.raises(ValueError):
+        plots.plot_beat_alignment({}, beats, 24, tmp_path / "none.png")
+

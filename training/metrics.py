@@ -466,7 +466,8 @@ def fid_k(generated, real, fps: float = 24.0, standardise: bool = True) -> float
     standardised by the real features' mean and std, as Bailando does. Small-N regularisation:
     each covariance is shrunk towards its diagonal by D / (N + D), and the matrix square root is
     taken on symmetric PSD matrices (no complex round-off). 0 for real against itself; a frozen
-    or averaging model lands far from the real dances. Needs N, M >= 1."""
+    or averaging model lands far from the real dances. Needs N, M >= 1; with only a few real
+    dances their std is a poor scale and values far from the real ones grow very large."""
     g, r = _features(generated, fps, "fid_k"), _features(real, fps, "fid_k")
     if not len(g) or not len(r) or g.shape[1] != r.shape[1]:
         raise ValueError(f"fid_k: need non-empty features of one size, got {g.shape}, {r.shape}")

@@ -63,6 +63,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from dwm.shared import contract
+from dwm.shared.contract import Normaliser
 from dwm.shared.errors import UserFacingError
 from dwm.shared.shards import ManifestError, check_member_name, decode_npy
 
@@ -116,23 +117,6 @@ def decode_features(raw: dict[str, Any], names: tuple[str, ...],
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-class Normaliser:
-    """(x - mean) / std per feature dimension, from the manifest's ``stats``."""
-
-    def __init__(self, stats: dict[str, Any] | None, name: str, dim: int):
-        s = (stats or {}).get(name) or {}
-        mean = np.asarray(s.get("mean", 0.0), np.float32).reshape(-1)
-        std = np.asarray(s.get("std", 1.0), np.float32).reshape(-1)
-        ok = mean.size in (1, dim) and std.size in (1, dim)
-        self.mean = np.broadcast_to(mean, (dim,)).copy() if ok else np.zeros(dim, np.float32)
-        std = np.broadcast_to(std, (dim,)).copy() if ok else np.ones(dim, np.float32)
-        self.std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0).astype(np.float32)
-        self.present = bool(s)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((x.astype(np.float32) - self.mean) / self.std).astype(np.float32)
-
-
 def window(arr: np.ndarray, start: int, length: int) -> np.ndarray:
     """``arr[start:start+length]`` zero-padded at the end to ``length`` frames."""
     part = arr[start : start + length]

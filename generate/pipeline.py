@@ -1,43 +1,59 @@
-"""``dwm generate music=SONG ref=PHOTO``: a song and one photo -> an mp4 of that person dancing.
+"""``DancePipeline``: a song and one photo -> the poses of a dance and the video of that person
+dancing it. ``dwm generate music=SONG ref=PHOTO`` is a thin command over it.
 
-Steps, in order (each through the same code the rest of the project uses):
+The pipeline's named steps, in the order ``__call__`` runs them (each through the same code the
+rest of the project uses, so generation sees what training saw):
 
-1. Audio features of the song by the preprocessing audio extractor
-   (:class:`dwm.preprocess.extractors.audio.AudioExtractor`), normalised with the training data's
-   statistics saved beside the checkpoint.
-2. The M2PEncoder predicts pose heatmaps and joint coordinates over overlapping windows of
-   ``audio_window`` frames, cross-faded linearly where windows overlap.
-3. The reference photo is located and cropped like preprocessing crops a video (pose backend,
-   main-dancer pick, crop centred on the dancer); then the preprocessing face extractor gives the
-   ArcFace embedding, the CLIP extractor the image embedding and the latent extractor the
-   reference latent (all through the model registry).
-4. The video model samples with EDM Euler steps, classifier-free guidance on the appearance
-   (``guidance_scale``) and the pose guidance scaled by ``pose_guidance_scale``.
-5. Songs longer than one window are sampled in overlapping windows: at every Euler step each
-   window's denoised estimate is computed and the estimates are blended with linear cross-fade
-   weights over the shared frames, so neighbouring windows agree and there is no seam.
-6. The VAE decodes the latents; 7. the song is muxed into the mp4 (:func:`media.write_video`).
+1. ``check_inputs``: files exist, settings make sense (one-line errors, before any work).
+2. ``encode_music``: audio features by the preprocessing audio extractor, at the video's fps.
+3. ``encode_reference``: the person in the photo is located and cropped as preprocessing crops
+   a video (pose backend, main-dancer pick, crop centred on the dancer); with a video model also
+   the ArcFace, CLIP and VAE embeddings of the crop (the preprocessing extractors).
+4. ``predict_poses``: the M2PEncoder turns the music (normalised with the training data's
+   statistics, saved beside the checkpoint) into a pose sequence.
+5. ``prepare_latents``: the initial noise of the video, drawn on the CPU from ``seed``.
+6. ``denoise_latents``: EDM Euler steps of the video model, classifier-free guidance on the
+   appearance, in overlapping windows whose denoised estimates are cross-faded at every step (no
+   seams).
+7. ``decode_latents``: the VAE decodes the frames, a chunk at a time.
 
-A skeleton preview of the predicted poses with the song (``<out stem>_skeleton.mp4``) is written
-too; with a stage-A checkpoint (M2PEncoder only) it is the only output. Same seed and inputs ->
-same output bytes.
+A stage-A checkpoint (the M2PEncoder alone) stops after step 4: the poses, no video.
+Same seed and inputs -> the same output bytes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import decord
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dwm.preprocess.decode import decode_size
+from dwm.preprocess.extractors.audio import AudioBatch, AudioDecodeError, AudioExtractor
+from dwm.preprocess.extractors.base import FrameBatch, VideoContext
+from dwm.preprocess.extractors.clip import ClipExtractor
+from dwm.preprocess.extractors.face import FaceExtractor
+from dwm.preprocess.extractors.latents import LatentExtractor
+from dwm.preprocess.extractors.pose import PoseExtractor, choose_crop, keep_inside, to_crop
+from dwm.preprocess.probe import NotAVideo, probe_file
 from dwm.shared import config as C
-from dwm.shared import contract, media
+from dwm.shared import contract, media, registry
+from dwm.shared.contract import Normaliser
 from dwm.shared.errors import UserFacingError
+from dwm.shared.shards import ManifestError, load_manifest
+from dwm.training import edm
+from dwm.training.models.animator import (VIDEO_COMPONENTS, Conditioning, conditioning_latent,
+                                          denoise, load_dance_model)
+from dwm.training.models.m2p import logits_to_heatmaps
 
 # What the training engine writes into every final/ folder (stage, steps, the TrainConfig, ...).
 TRAINING_INFO = "training_info.json"
@@ -136,8 +152,6 @@ def training_meta(ckpt: str | Path) -> dict[str, Any]:
     statistics of the training data or None, "preprocess": the preprocessing config of the
     training data or None}``. Statistics come from the info file (``data_stats``) when the
     engine stored them, else from the training manifest it names (when that is still there)."""
-    from dwm.shared.shards import ManifestError, load_manifest
-
     info = _read_json(Path(ckpt) / TRAINING_INFO)
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     stats = info.get("data_stats") or info.get("norm_stats")
@@ -192,9 +206,6 @@ class SongFeatures:
 
 def song_features(music: str, fps: float, num_frames: int, pcfg: C.PreprocessConfig,
                   device: str = "cpu") -> SongFeatures:
-    from dwm.preprocess.extractors.audio import AudioBatch, AudioDecodeError, AudioExtractor
-    from dwm.preprocess.extractors.base import VideoContext
-
     ext = AudioExtractor(pcfg, device)
     ext.reset(VideoContext(video_hash="song", path=str(music), num_frames=num_frames, fps=fps,
                            width=0, height=0, duration=num_frames / fps))
@@ -246,9 +257,6 @@ def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
                   stats: dict[str, Any] | None, window: int, overlap: int,
                   device: str | torch.device = "cpu", show_progress: bool = True) -> PredictedPoses:
     """Heatmaps and coordinates for every frame, windows of ``window`` frames cross-faded."""
-    from dwm.datasets.views import Normaliser
-    from dwm.training.models.m2p import logits_to_heatmaps
-
     n_mels = int(m2p.config.n_mels)
     if mel.shape[1] != n_mels:
         raise UserFacingError(f"the checkpoint's M2PEncoder expects {n_mels} mel bands, the audio "
@@ -276,8 +284,6 @@ def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
 
 def heatmaps_on_grid(heatmaps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(T, K, H, W) -> (T, K, h, w) by bilinear resampling, as stage B/C feed M2P heatmaps."""
-    import torch.nn.functional as F
-
     if tuple(heatmaps.shape[-2:]) == tuple(grid):
         return heatmaps
     out = torch.empty((*heatmaps.shape[:2], *grid), dtype=heatmaps.dtype)
@@ -305,19 +311,13 @@ class Reference:
 
 def _resize_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Aspect-kept resize to the smallest size covering (width, height), as decoding does."""
-    import cv2
-
-    from dwm.preprocess.decode import decode_size
-
     h0, w0 = image.shape[:2]
     dw, dh, scale = decode_size(w0, h0, width, height)
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     return cv2.resize(image, (dw, dh), interpolation=interp)
 
 
-def _batch(frames: np.ndarray, extras: dict[str, np.ndarray] | None = None):
-    from dwm.preprocess.extractors.base import FrameBatch
-
+def frame_batch(frames: np.ndarray, extras: dict[str, np.ndarray] | None = None):
     idx = np.arange(len(frames))
     return FrameBatch(frames=frames, index=idx, seg_offset=idx, segment=0, extras=extras or {})
 
@@ -327,29 +327,24 @@ def locate_reference(photo: str, width: int, height: int, pcfg: C.PreprocessConf
     """Find the person in ``photo`` and crop them like preprocessing crops a video; faces too.
 
     Raises :class:`UserFacingError` when the photo cannot be read or shows no person."""
-    from dwm.preprocess.extractors.base import VideoContext
-    from dwm.preprocess.extractors.face import FaceExtractor
-    from dwm.preprocess.extractors.pose import PoseExtractor, choose_crop, to_crop
-    from dwm.preprocess.pipeline import _inside
-
     image = media.read_image(photo)
     resized = _resize_cover(image, width, height)
     dh, dw = resized.shape[:2]
     pose = PoseExtractor(pcfg, device)
     pose.reset(VideoContext("reference", str(photo), 1, fps, dw, dh))
-    res = pose(_batch(resized[None]))
+    res = pose(frame_batch(resized[None]))
     if not bool(res["found"][0]):
         raise UserFacingError(f"ref={photo}: no person found in the photo; use a photo that shows "
                               "the dancer's body")
     x0, y0, _ = choose_crop(res["body"], res["found"], dw, dh, width, height,
                             pcfg.pose.min_score)
     crop = np.ascontiguousarray(resized[y0 : y0 + height, x0 : x0 + width])
-    body = _inside(to_crop(res["body"], x0, y0, width, height))
-    face_pts = _inside(to_crop(res["face"], x0, y0, width, height))
+    body = keep_inside(to_crop(res["body"], x0, y0, width, height))
+    face_pts = keep_inside(to_crop(res["face"], x0, y0, width, height))
 
     faces = FaceExtractor(pcfg, device)
     faces.reset(VideoContext("reference", str(photo), 1, fps, width, height))
-    fo = faces(_batch(crop[None], {"pose_body": body, "pose_face": face_pts}))
+    fo = faces(frame_batch(crop[None], {"pose_body": body, "pose_face": face_pts}))
     detected = bool(fo["detected"][0])
     return Reference(image=crop, body=body[0], crop_box=(x0, y0, x0 + width, y0 + height),
                      face_detected=detected,
@@ -361,13 +356,10 @@ def locate_reference(photo: str, width: int, height: int, pcfg: C.PreprocessConf
 
 def embed_reference(ref: Reference, pcfg: C.PreprocessConfig, device: str = "cpu") -> Reference:
     """CLIP image embedding and VAE latent of the cropped reference (preprocessing extractors)."""
-    from dwm.preprocess.extractors.clip import ClipExtractor
-    from dwm.preprocess.extractors.latents import LatentExtractor
-
     clip = ClipExtractor(pcfg, device)
-    ref.clip_embed = clip(_batch(ref.image[None]))["embed"][0].astype(np.float32)
+    ref.clip_embed = clip(frame_batch(ref.image[None]))["embed"][0].astype(np.float32)
     lat = LatentExtractor(pcfg, device)
-    ref.latent = lat(_batch(ref.image[None]))["mean"][0].astype(np.float32)
+    ref.latent = lat(frame_batch(ref.image[None]))["mean"][0].astype(np.float32)
     ref.scaling_factor = float(lat.scaling_factor)
     return ref
 
@@ -375,10 +367,6 @@ def embed_reference(ref: Reference, pcfg: C.PreprocessConfig, device: str = "cpu
 def reference_from_video(video: str | Path, out_png: str | Path, at: float = 0.5) -> Path:
     """Save one frame of ``video`` (at fraction ``at`` of its length, in display orientation)
     as a PNG reference photo."""
-    import decord
-
-    from dwm.preprocess.probe import NotAVideo, probe_file
-
     try:
         rotation = probe_file(str(video)).rotation  # clockwise, as preprocessing turns frames
         vr = decord.VideoReader(str(video))
@@ -410,19 +398,25 @@ class SamplingSettings:
     noise_aug_strength: float = 0.02
 
 
+def initial_noise(num_frames: int, grid: tuple[int, int],
+                  generator: torch.Generator) -> torch.Tensor:
+    """(1, T, 4, h, w) unit Gaussian noise (the sampler scales it to sigma_max), drawn on the CPU
+    so that a seed gives the same video on every device."""
+    return torch.randn((1, num_frames, contract.LATENT_CHANNELS, *grid), generator=generator,
+                       dtype=torch.float32)
+
+
 @torch.no_grad()
 def sample_latents(model: Any, pose: torch.Tensor, ref_latent: torch.Tensor,
                    clip_embed: torch.Tensor, face_embed: torch.Tensor | None, face_valid: bool,
                    scaling_factor: float, settings: SamplingSettings,
-                   generator: torch.Generator, show_progress: bool = True) -> torch.Tensor:
+                   generator: torch.Generator, show_progress: bool = True,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample (T, 4, h, w) scaled latents for the poses (T, K, h, w).
 
     ref_latent (4, h, w) scaled; clip_embed (D,); face_embed (512,) or None. Every Euler step
     denoises each window and cross-fades the estimates (no seams); guidance contrasts the full
     condition with the appearance dropped (SVD's unconditional input), the pose kept."""
-    from dwm.training import edm
-    from dwm.training.models.animator import Conditioning, conditioning_latent, denoise
-
     p = next(model.unet.parameters())
     device, dtype = p.device, p.dtype
     total = int(pose.shape[0])
@@ -466,8 +460,9 @@ def sample_latents(model: Any, pose: torch.Tensor, ref_latent: torch.Tensor,
             bar.update(1)
         return blend_windows(parts, starts, weights, total)[None]
 
-    noise = torch.randn((1, total, contract.LATENT_CHANNELS, h, w), generator=generator,
-                        dtype=torch.float32).to(device)
+    if noise is None:
+        noise = initial_noise(total, (h, w), generator)
+    noise = noise.to(device)
     sigmas = edm.karras_sigmas(settings.steps).to(device)
     try:
         latents = edm.euler_sample(denoise_all, noise, sigmas)
@@ -481,12 +476,10 @@ def iter_decoded_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
                         batch_size: int = 8, show_progress: bool = True):
     """Scaled latents (T, 4, h, w) -> uint8 RGB frames (H, W, 3), one at a time, decoded in
     chunks of ``batch_size`` (a long song never holds all its frames in memory)."""
-    from dwm.shared.registry import decode_latents
-
     for a in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", unit="chunk",
                   disable=not show_progress, leave=False):
         z = latents[a : a + batch_size].float() / scaling_factor
-        img = decode_latents(vae, z, num_frames=z.shape[0])
+        img = registry.decode_latents(vae, z, num_frames=z.shape[0])
         yield from (img.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
@@ -498,116 +491,280 @@ def decode_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
 
 
 # ---------------------------------------------------------------------------------------------
-# the command
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DanceOutput:
+    """What ``DancePipeline.__call__`` returns. ``frames`` is lazy: the VAE decodes a chunk at a
+    time while it is iterated, so a long song never holds all its frames in memory
+    (``np.stack(list(out.frames))`` for an array). ``None`` for a stage-A checkpoint."""
+
+    poses: PredictedPoses
+    reference: Reference
+    song: SongFeatures
+    size: tuple[int, int]  # (width, height) of the video
+    latents: torch.Tensor | None = None  # (T, 4, h, w), scaled
+    frames: Iterator[np.ndarray] | None = None  # (H, W, 3) uint8 RGB each
+
+
+@dataclass
+class DanceSettings:
+    """The knobs of one call; ``dwm generate``'s keys of the same names."""
+
+    seed: int = 42
+    fps: float = 24.0
+    resolution: str = "512x896"
+    max_seconds: float = 10.0
+    steps: int = 25
+    guidance_scale: float = 2.5
+    pose_guidance_scale: float = 1.0
+    window: int = 24
+    overlap: int = 6
+    pose_window: int = 0  # 0: the training run's audio_window
+
+    @classmethod
+    def from_config(cls, cfg: C.GenerateConfig) -> DanceSettings:
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+
+class DancePipeline:
+    """A trained DanceModel (``final/``) with everything generation needs beside it: the training
+    run's settings and feature statistics, and the preprocessing extractors that embed the song
+    and the photo."""
+
+    def __init__(self, model: Any, meta: dict[str, Any], models: C.ModelsConfig,
+                 pose_backend: str = "", device: str = "cpu", show_progress: bool = True):
+        if model.m2p is None:
+            raise UserFacingError("the checkpoint has no M2PEncoder (m2p); it is not a dance "
+                                  "model")
+        self.model, self.meta, self.models = model, meta, models
+        self.device, self.show_progress = device, show_progress
+        self.pcfg = preprocess_config(models, pose_backend, meta.get("preprocess"))
+        self.pcfg.audio.n_mels = int(model.m2p.config.n_mels)
+
+    @classmethod
+    def from_pretrained(cls, ckpt: str | Path, *, models: C.ModelsConfig | None = None,
+                        pose_backend: str = "", device: str = "cpu", dtype: str = "auto",
+                        show_progress: bool = True) -> DancePipeline:
+        """Load ``ckpt`` (a ``final/`` folder) and check, before any work, that every weight the
+        pipeline will need is on this machine."""
+        if not (Path(ckpt) / "model_index.json").is_file():
+            raise UserFacingError(f"ckpt={ckpt}: not a trained model folder (no "
+                                  "model_index.json); train first (`just train`) or point ckpt= "
+                                  "at a final/ folder")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise UserFacingError(f"device={device}: CUDA is not available on this machine")
+        models = models or C.ModelsConfig()
+        model = load_dance_model(ckpt, device=device, dtype=torch_dtype(dtype, device))
+        pipe = cls(model, training_meta(ckpt), models, pose_backend, device, show_progress)
+        components = ["dwpose"] if pipe.pcfg.pose.backend == "dwpose" else []
+        if pipe.has_video:
+            components += ["insightface", "clip", "vae"]
+        registry.ensure_available(models, components)
+        return pipe
+
+    @property
+    def has_video(self) -> bool:
+        """False for a stage-A checkpoint: poses only."""
+        return all(getattr(self.model, c) is not None for c in VIDEO_COMPONENTS)
+
+    # -- 1 ------------------------------------------------------------------------------------
+    def check_inputs(self, music: str | Path, reference_image: str | Path,
+                     settings: DanceSettings) -> tuple[int, int]:
+        """One-line errors for what cannot work; returns the video size (width, height)."""
+        for key, value in (("music", music), ("ref", reference_image)):
+            if not str(value or ""):
+                raise UserFacingError(f"{key}= is required (" + (
+                    "a song: wav, mp3, ogg, m4a, or a video" if key == "music"
+                    else "a photo of the person") + ")")
+            if not Path(value).is_file():
+                raise UserFacingError(f"{key}={value}: no such file")
+        if settings.fps <= 0:
+            raise UserFacingError(f"fps={settings.fps}: must be > 0")
+        if settings.steps < 1:
+            raise UserFacingError(f"steps={settings.steps}: must be >= 1")
+        width, height = parse_resolution(settings.resolution)
+        if self.has_video:
+            factor = 2 ** (len(self.model.unet.config.block_out_channels) - 1)
+            if (height // contract.LATENT_DOWNSAMPLE) % factor or \
+                    (width // contract.LATENT_DOWNSAMPLE) % factor:
+                raise UserFacingError(f"resolution={settings.resolution}: both sides must be "
+                                      f"multiples of {contract.LATENT_DOWNSAMPLE * factor} for "
+                                      "this UNet")
+        return width, height
+
+    # -- 2 ------------------------------------------------------------------------------------
+    def encode_music(self, music: str | Path, fps: float, max_seconds: float) -> SongFeatures:
+        num_frames = song_frames(str(music), fps, max_seconds)
+        return song_features(str(music), fps, num_frames, self.pcfg, self.device)
+
+    # -- 3 ------------------------------------------------------------------------------------
+    def encode_reference(self, reference_image: str | Path, width: int, height: int,
+                         fps: float = 24.0) -> Reference:
+        """The person in the photo, cropped like training crops; embedded for the video model
+        when there is one."""
+        ref = locate_reference(str(reference_image), width, height, self.pcfg, self.device, fps)
+        if self.has_video:
+            ref = embed_reference(ref, self.pcfg, self.device)
+        return ref
+
+    # -- 4 ------------------------------------------------------------------------------------
+    def predict_poses(self, song: SongFeatures, reference: Reference, *, seed: int = 42,
+                      window: int = 0) -> PredictedPoses:
+        """The dance: a pose per frame of the song, from the music."""
+        audio_window = int(window or train_setting(self.meta, "audio_window"))
+        return predict_poses(self.model.m2p, song.mel, song.baseline, self.meta["norm_stats"],
+                             audio_window, max(1, audio_window // 4), self.device,
+                             self.show_progress)
+
+    # -- 5 ------------------------------------------------------------------------------------
+    def prepare_latents(self, num_frames: int, size: tuple[int, int],
+                        generator: torch.Generator) -> torch.Tensor:
+        grid = (size[1] // contract.LATENT_DOWNSAMPLE, size[0] // contract.LATENT_DOWNSAMPLE)
+        return initial_noise(num_frames, grid, generator)
+
+    # -- 6 ------------------------------------------------------------------------------------
+    def sampling_settings(self, settings: DanceSettings) -> SamplingSettings:
+        return SamplingSettings(
+            steps=settings.steps, guidance_scale=settings.guidance_scale,
+            pose_scale=settings.pose_guidance_scale, window=settings.window,
+            overlap=settings.overlap, svd_fps=int(train_setting(self.meta, "svd_fps")),
+            motion_bucket_id=int(train_setting(self.meta, "motion_bucket_id")),
+            noise_aug_strength=float(train_setting(self.meta, "noise_aug_strength")))
+
+    def denoise_latents(self, noise: torch.Tensor, poses: PredictedPoses, reference: Reference,
+                        settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+        """The video's latents for the poses and the reference, from ``noise``."""
+        model = self.model
+        grid = tuple(noise.shape[-2:])
+        clip_embed = torch.from_numpy(reference.clip_embed)
+        clip_dim = model.unet.config.cross_attention_dim
+        clip_dim = clip_dim if isinstance(clip_dim, int) else int(clip_dim[0])
+        if clip_embed.shape[-1] != clip_dim:
+            raise UserFacingError(f"the CLIP encoder gives {clip_embed.shape[-1]}-d embeddings but "
+                                  f"the checkpoint's UNet expects {clip_dim}; use the models it "
+                                  "was trained with (models.profile / models.clip)")
+        sf = reference.scaling_factor
+        return sample_latents(model, heatmaps_on_grid(poses.heatmaps, grid),
+                              torch.from_numpy(reference.latent) * sf, clip_embed,
+                              torch.from_numpy(reference.face_embed), reference.face_detected,
+                              sf, settings, generator, self.show_progress, noise=noise)
+
+    # -- 7 ------------------------------------------------------------------------------------
+    def decode_latents(self, latents: torch.Tensor, scaling_factor: float,
+                       batch_size: int = 8) -> Iterator[np.ndarray]:
+        vae, _ = registry.load_vae(self.models, device=self.device)
+        return iter_decoded_frames(vae, latents, scaling_factor, batch_size, self.show_progress)
+
+    # -----------------------------------------------------------------------------------------
+    def __call__(self, music: str | Path, reference_image: str | Path,
+                 settings: DanceSettings | None = None, *, poses_only: bool = False,
+                 on_poses: Any = None, **overrides: Any) -> DanceOutput:
+        """Song + photo -> :class:`DanceOutput`. ``settings`` fields may also be given as
+        keywords (``seed=7``); ``poses_only`` stops after the poses (a stage-A checkpoint always
+        does); ``on_poses(output)`` is called as soon as the poses exist, before the long video
+        work (a preview can be shown then)."""
+        settings = settings or DanceSettings()
+        for key, value in overrides.items():
+            if key not in DanceSettings.__dataclass_fields__:
+                raise TypeError(f"DancePipeline: unknown setting {key!r}")
+            setattr(settings, key, value)
+        size = self.check_inputs(music, reference_image, settings)
+        # the photo before the song: a photo without a person fails before the long work
+        reference = self.encode_reference(reference_image, *size, fps=settings.fps)
+        song = self.encode_music(music, settings.fps, settings.max_seconds)
+        poses = self.predict_poses(song, reference, seed=settings.seed,
+                                   window=settings.pose_window)
+        out = DanceOutput(poses=poses, reference=reference, song=song, size=size)
+        if on_poses is not None:
+            on_poses(out)
+        if poses_only or not self.has_video:
+            return out
+        generator = torch.Generator().manual_seed(settings.seed)
+        noise = self.prepare_latents(song.num_frames, size, generator)
+        out.latents = self.denoise_latents(noise, poses, reference,
+                                           self.sampling_settings(settings), generator)
+        out.frames = self.decode_latents(out.latents, reference.scaling_factor)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs on disk
 # ---------------------------------------------------------------------------------------------
 def skeleton_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(f"{out.stem}_skeleton.mp4")
 
 
-def _check_inputs(cfg: C.GenerateConfig) -> None:
-    if not cfg.music:
-        raise UserFacingError("music= is required (a song: wav, mp3, ogg, m4a, or a video)")
-    if not cfg.ref:
-        raise UserFacingError("ref= is required (a photo of the person)")
-    for key in ("music", "ref"):
-        p = Path(getattr(cfg, key))
-        if not p.is_file():
-            raise UserFacingError(f"{key}={p}: no such file")
-    if not (Path(cfg.ckpt) / "model_index.json").is_file():
-        raise UserFacingError(f"ckpt={cfg.ckpt}: not a trained model folder (no model_index.json);"
-                              " train first (`just train`) or point ckpt= at a final/ folder")
-    if cfg.fps <= 0:
-        raise UserFacingError(f"fps={cfg.fps}: must be > 0")
-    if cfg.steps < 1:
-        raise UserFacingError(f"steps={cfg.steps}: must be >= 1")
+def poses_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}_poses.json")
+
+
+def poses_document(output: DanceOutput, music: str | Path = "",
+                   reference_image: str | Path = "", seed: int | None = None) -> dict[str, Any]:
+    """The dance as data: OpenPose-18 keypoints per frame in pixels of the output video, with
+    the reference body found in the photo, for ControlNet-style tools and for ``dwm eval``."""
+    width, height = output.size
+    scale = np.array([width, height, 1.0], np.float32)
+
+    def pixels(body: np.ndarray) -> list[list[float]]:
+        return [[round(float(v), 2) for v in joint] for joint in np.asarray(body) * scale]
+
+    ref = output.reference
+    return {
+        "format": "openpose-18", "joints": list(contract.BODY_JOINTS),
+        "fps": float(output.song.fps), "width": width, "height": height,
+        "num_frames": int(output.poses.coords.shape[0]),
+        "music": str(music), "reference_image": str(reference_image), "seed": seed,
+        "reference": {"body": pixels(ref.body), "crop_box": list(ref.crop_box),
+                      "face_detected": bool(ref.face_detected)},
+        "frames": [pixels(body) for body in output.poses.bodies()],
+    }
+
+
+def write_outputs(output: DanceOutput, out: str | Path, music: str | Path,
+                  reference_image: str | Path, seed: int) -> dict[str, Path]:
+    """``<out>_poses.json``, ``<out>_skeleton.mp4`` (the poses over the reference photo, with
+    the song) and, with a video model, ``<out>`` (the video with the song)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"poses": poses_path(out), "skeleton": skeleton_path(out)}
+    doc = poses_document(output, music, reference_image, seed)
+    tmp = paths["poses"].with_name(paths["poses"].name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(paths["poses"])
+    n = output.poses.coords.shape[0]
+    background = (output.reference.image for _ in range(n))
+    media.skeleton_video(paths["skeleton"], output.poses.bodies(), output.song.fps,
+                         size=output.size, audio=music, background_frames=background)
+    if output.frames is not None:
+        media.write_video(out, output.frames, output.song.fps, audio=music)
+        paths["video"] = out
+    return paths
 
 
 def main(cfg: C.GenerateConfig) -> int:
-    from dwm.shared import registry
-    from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
-
-    _check_inputs(cfg)
-    width, height = parse_resolution(cfg.resolution)
-    device = cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserFacingError(f"device={device}: CUDA is not available on this machine")
-    dtype = torch_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
-    show = not cfg.quiet
-
-    model = load_dance_model(cfg.ckpt, device=device, dtype=dtype)
-    if model.m2p is None:
-        raise UserFacingError(f"ckpt={cfg.ckpt}: has no M2PEncoder (m2p); it is not a dance model")
-    has_video = all(getattr(model, c) is not None for c in VIDEO_COMPONENTS)
-    meta = training_meta(cfg.ckpt)
-    pcfg = preprocess_config(cfg.models, cfg.pose_backend, meta.get("preprocess"))
-    pcfg.audio.n_mels = int(model.m2p.config.n_mels)
-    components = ["dwpose"] if pcfg.pose.backend == "dwpose" else []
-    if has_video:
-        components += ["insightface", "clip", "vae"]
-    registry.ensure_available(cfg.models, components)  # fail before any work
-
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    num_frames = song_frames(cfg.music, cfg.fps, cfg.max_seconds)
-    print(f"generate: {num_frames} frames ({num_frames / cfg.fps:.2f} s at {cfg.fps:g} fps), "
-          f"{width}x{height}, ckpt {cfg.ckpt}", flush=True)
-
-    # the photo first: a photo without a person should fail before the long work
-    ref = locate_reference(cfg.ref, width, height, pcfg, device, cfg.fps) if has_video else None
-
-    # 1-2: music -> poses
-    song = song_features(cfg.music, cfg.fps, num_frames, pcfg, device)
-    audio_window = int(cfg.pose_window or train_setting(meta, "audio_window"))
-    if meta["norm_stats"] is None:
+    settings = DanceSettings.from_config(cfg)
+    pipe = DancePipeline.from_pretrained(cfg.ckpt, models=cfg.models,
+                                         pose_backend=cfg.pose_backend, device=cfg.device,
+                                         dtype=cfg.dtype, show_progress=not cfg.quiet)
+    if pipe.meta["norm_stats"] is None:
         print(f"note: {cfg.ckpt}/{TRAINING_INFO} names no training data statistics; the audio "
               "features go to the M2PEncoder unnormalised")
-    poses = predict_poses(model.m2p, song.mel, song.baseline, meta["norm_stats"], audio_window,
-                          max(1, audio_window // 4), device, show)
-    skel = skeleton_path(out)
-    media.skeleton_video(skel, poses.bodies(), cfg.fps, size=(width, height), audio=cfg.music)
-    print(f"skeleton preview: {skel}", flush=True)
-    if not has_video:
-        print(f"ckpt={cfg.ckpt} has only the M2PEncoder (a stage-A model): wrote the skeleton "
-              f"preview only; train stages B and C for the video ({out} not written)")
-        return 0
-
-    # 3: reference embeddings
-    ref = embed_reference(ref, pcfg, device)
-    if not ref.face_detected:
+    torch.manual_seed(cfg.seed)
+    output = pipe(cfg.music, cfg.ref, settings)
+    print(f"generate: {output.song.num_frames} frames "
+          f"({output.song.num_frames / settings.fps:.2f} s at {settings.fps:g} fps), "
+          f"{output.size[0]}x{output.size[1]}, ckpt {cfg.ckpt}", flush=True)
+    if pipe.has_video and not output.reference.face_detected:
         print("note: no face found in the reference photo; generating without face tokens")
-    grid = (height // contract.LATENT_DOWNSAMPLE, width // contract.LATENT_DOWNSAMPLE)
-    factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
-    if grid[0] % factor or grid[1] % factor:
-        raise UserFacingError(f"resolution={cfg.resolution}: both sides must be multiples of "
-                              f"{contract.LATENT_DOWNSAMPLE * factor} for this UNet")
-    sf = ref.scaling_factor
-    ref_latent = torch.from_numpy(ref.latent) * sf
-    clip_embed = torch.from_numpy(ref.clip_embed)
-    clip_dim = model.unet.config.cross_attention_dim
-    clip_dim = clip_dim if isinstance(clip_dim, int) else int(clip_dim[0])
-    if clip_embed.shape[-1] != clip_dim:
-        raise UserFacingError(f"the CLIP encoder gives {clip_embed.shape[-1]}-d embeddings but the "
-                              f"checkpoint's UNet expects {clip_dim}; use the models it was "
-                              "trained with (models.profile / models.clip)")
-
-    # 4-5: sampling
-    settings = SamplingSettings(
-        steps=cfg.steps, guidance_scale=cfg.guidance_scale, pose_scale=cfg.pose_guidance_scale,
-        window=cfg.window, overlap=cfg.overlap, svd_fps=int(train_setting(meta, "svd_fps")),
-        motion_bucket_id=int(train_setting(meta, "motion_bucket_id")),
-        noise_aug_strength=float(train_setting(meta, "noise_aug_strength")))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    pose = heatmaps_on_grid(poses.heatmaps, grid)
-    latents = sample_latents(model, pose, ref_latent, clip_embed,
-                             torch.from_numpy(ref.face_embed), ref.face_detected, sf, settings,
-                             generator, show)
-    del model
-
-    # 6-7: decode, mux the song
-    vae, _ = registry.load_vae(cfg.models, device=device)
-    frames = iter_decoded_frames(vae, latents, sf, show_progress=show)
-    media.write_video(out, frames, cfg.fps, audio=cfg.music)
-    print(f"video: {out}", flush=True)
+    paths = write_outputs(output, cfg.out, cfg.music, cfg.ref, cfg.seed)
+    print(f"poses: {paths['poses']}", flush=True)
+    print(f"skeleton preview: {paths['skeleton']}", flush=True)
+    if "video" in paths:
+        print(f"video: {paths['video']}", flush=True)
+    else:
+        print(f"ckpt={cfg.ckpt} has only the M2PEncoder (a stage-A model): wrote the poses and "
+              f"the skeleton preview; train stages B and C for the video ({cfg.out} not written)")
     return 0

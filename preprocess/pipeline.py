@@ -33,7 +33,7 @@ from . import extractors as X
 from .cache import EntryWriter, FeatureCache, array_digest, entry_key
 from .decode import DecodeError, Plan, SegmentReader, centre_crop_box, crop, make_plan
 from .extractors.audio import AudioBatch
-from .extractors.pose import choose_crop, pose_arrays, render_heatmaps, to_crop
+from .extractors.pose import choose_crop, keep_inside, pose_arrays, render_heatmaps, to_crop
 from .probe import PROBE_VERSION, NotAVideo, ProbeInfo, probe_file
 
 
@@ -248,7 +248,7 @@ class VideoProcessor:
                 if not used:
                     centre_fallback.append(si)
                 crops.append((x0, y0, x0 + plan.width, y0 + plan.height))
-                out = {k: _inside(to_crop(res[k], x0, y0, plan.width, plan.height))
+                out = {k: keep_inside(to_crop(res[k], x0, y0, plan.width, plan.height))
                        for k in ("body", "hands", "face")}
                 out["heatmap"] = render_heatmaps(out["body"], h, w, cfg.pose.heatmap_sigma,
                                                  cfg.pose.min_score)
@@ -419,11 +419,3 @@ class _Appender:
         rest = data[n:]
         self.parts = [rest] if len(rest) else []
         self.pending = len(rest)
-
-
-def _inside(points: np.ndarray) -> np.ndarray:
-    """Points outside the crop count as missing (score 0, zeros), so every kept x, y is in [0, 1]."""
-    out = points.copy()
-    bad = (out[..., 0] < 0) | (out[..., 0] > 1) | (out[..., 1] < 0) | (out[..., 1] > 1)
-    out[bad] = 0.0
-    return out

@@ -12,6 +12,7 @@ Coordinates are normalised to [0, 1] of the cropped frame (x to width, y to heig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -126,3 +127,22 @@ def heatmap_to_float(hm_uint8: np.ndarray) -> np.ndarray:
 
 def decode_thumbs(jpeg: np.ndarray, offsets: np.ndarray) -> list[bytes]:
     return [jpeg[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+
+
+# How a feature is normalised for the models: training views and generation both use this, so the
+# M2PEncoder sees the same numbers from a shard and from a song.
+class Normaliser:
+    """(x - mean) / std per feature dimension, from the manifest's ``stats``."""
+
+    def __init__(self, stats: dict[str, Any] | None, name: str, dim: int):
+        s = (stats or {}).get(name) or {}
+        mean = np.asarray(s.get("mean", 0.0), np.float32).reshape(-1)
+        std = np.asarray(s.get("std", 1.0), np.float32).reshape(-1)
+        ok = mean.size in (1, dim) and std.size in (1, dim)
+        self.mean = np.broadcast_to(mean, (dim,)).copy() if ok else np.zeros(dim, np.float32)
+        std = np.broadcast_to(std, (dim,)).copy() if ok else np.ones(dim, np.float32)
+        self.std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0).astype(np.float32)
+        self.present = bool(s)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((x.astype(np.float32) - self.mean) / self.std).astype(np.float32)

@@ -49,6 +49,22 @@ def tiny_final_stage_a(tiny_models_cfg, tmp_path_factory) -> Path:
                             video=False)
 
 
+@pytest.fixture(scope="session")
+def offcentre_dancer(dance_video, tmp_path_factory) -> Path:
+    """A photo of the sample dancer's whole body, shrunk to 55% and placed low on the left of a
+    plain background: somewhere and at a size no training clip has them."""
+    import cv2
+
+    tmp = tmp_path_factory.mktemp("offcentre")
+    frame = media.read_image(G.reference_from_video(dance_video, tmp / "frame.png", at=0.3))
+    h, w = frame.shape[:2]
+    small = cv2.resize(frame, (int(w * 0.55), int(h * 0.55)), interpolation=cv2.INTER_AREA)
+    photo = np.full_like(frame, 235)
+    y0, x0 = h - small.shape[0] - int(0.05 * h), int(0.04 * w)
+    photo[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
+    return Path(media.write_image(tmp / "offcentre.png", photo))
+
+
 def _cfg(tiny_models_cfg, **kw) -> C.GenerateConfig:
     cfg = C.GenerateConfig(fps=FPS, max_seconds=SECONDS, resolution=RESOLUTION, steps=2,
                            window=12, overlap=4, quiet=True, models=tiny_models_cfg)
@@ -156,7 +172,13 @@ def test_stage_a_checkpoint_writes_only_the_skeleton(tiny_final_stage_a, tiny_mo
     assert G.main(cfg) == 0
     assert not out.exists()
     assert G.skeleton_path(out).is_file()
-    assert "skeleton preview only" in capsys.readouterr().out
+    assert "wrote the poses and the skeleton preview" in capsys.readouterr().out
+    doc = json.loads(G.poses_path(out).read_text())
+    assert doc["format"] == "openpose-18" and len(doc["joints"]) == 18
+    assert len(doc["frames"]) == doc["num_frames"] > 0
+    assert all(len(frame) == 18 and len(frame[0]) == 3 for frame in doc["frames"])
+    xs = np.array([[j[0] for j in f] for f in doc["frames"]])
+    assert 0 <= xs.min() and xs.max() <= doc["width"]  # pixels of the output video
 
 
 def test_photo_without_person_is_one_clear_line(tiny_final, tiny_models_cfg, music_ogg, tmp_path,

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dwm.datasets import TrainLoader, batch_size_of, batch_to_device, eval_batches, make_view
@@ -147,7 +151,7 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opti
         raise TrainingError("nothing to train: the freeze matrix leaves no trainable parameter")
     if cfg.use_8bit_adam:
         try:
-            import bitsandbytes as bnb  # type: ignore
+            import bitsandbytes as bnb  # type: ignore  # optional, CUDA-only: deferred
 
             return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate,
                                        weight_decay=cfg.adam_weight_decay)
@@ -164,8 +168,6 @@ def attention_kernels(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     False: SDPA picks, which on a GPU prefers the same kernels."""
     if not cfg.use_xformers:
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
@@ -209,148 +211,184 @@ class StageResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# the loop
+# the trainer: one object holding a stage's run, with the loop's named steps as methods
 # ---------------------------------------------------------------------------------------------
-def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = None,
-              max_steps: int | None = None, save_final: bool = True) -> StageResult:
-    """Train ``stage``. ``max_steps``: stop after this many steps of this run (tests; the
-    schedule still follows the stage's total). Returns a :class:`StageResult`."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+@dataclass
+class StepOutcome:
+    loss: float
+    terms: dict[str, float]
+    finite: bool
+    grad_norm: float
+    lrs: list[float]
 
-    total = int(stage.total_steps(cfg))
-    accum = max(1, int(cfg.gradient_accumulation_steps))
-    acc = Accelerator(
-        gradient_accumulation_steps=1,  # accumulation is done by hand (non-finite skipping)
-        mixed_precision=cfg.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=stage.find_unused_parameters)],
-    )
-    sdir = stage_dir_of(cfg, stage.name)
-    if acc.is_main_process:
-        sdir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(sdir)
-    set_seed(cfg.seed)
 
-    manifest = load_manifest(cfg.data)
-    model = stage.build_model(cfg, str(init_path) if init_path else None)
-    groups = model.set_training_stage(stage.name, cfg)
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    optimizer = make_optimizer(groups, cfg)
-    schedule = LRSchedule(optimizer, groups, cfg, total)
-    wrapper, optimizer = acc.prepare(_LossModule(stage, model), optimizer)
-    # FSDP shards the parameters: checkpoints gather them (collectively) from this root module
-    sharded_root = wrapper if acc.distributed_type == DistributedType.FSDP else None
-    if sharded_root is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        log.warning("the launcher asked for FSDP but accelerate runs %s (accelerate does FSDP "
-                    "on GPUs only): the model is NOT sharded", acc.distributed_type)
-    if sharded_root is not None and cfg.validation_steps > 0:
-        raise TrainingError("validation_steps>0 is not supported under FSDP yet (validation runs "
-                            "the model on rank 0 alone); set validation_steps=0 and evaluate the "
-                            "checkpoints, or train with DDP")
-    counts = freeze.count_by_group(model)
-    n_train = sum(r["trainable"] for r in counts.values())
-    per_group = ", ".join(f"{k} {v['trainable'] / 1e6:.2f} M" for k, v in counts.items())
+class Trainer:
+    """Everything one stage's run holds: accelerator, model, optimiser, schedule, loader, logs.
+    Built ready to train (resumed when ``cfg.resume`` says so); ``run_stage`` drives it."""
 
-    view = make_view(stage.view, manifest.get("stats"), cfg, **stage.view_options())
-    loader = TrainLoader(
-        manifest, view, cfg.train_batch_size, split="train", seed=cfg.seed,
-        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor,
-        resampled=cfg.resampled, epoch_samples=cfg.epoch_samples, shuffle_buffer=cfg.shuffle_buffer,
-        rank=acc.process_index, world_size=acc.num_processes,
-        length_fn=_StepLength(stage, accum, total),
-        float_images=acc.device.type == "cpu",  # on a GPU, uint8 crosses the bus (4x fewer bytes)
-    )
-
-    step, nonfinite, skipped = 0, 0, 0
-    resume_from = ckpt.resolve_resume(cfg.resume, sdir)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer,
-                                     rank=acc.process_index, sharded_root=sharded_root)
-        if state.get("stage") != stage.name:
-            raise ckpt.CheckpointError(f"{resume_from}: a stage {state.get('stage')} checkpoint, "
-                                       f"not stage {stage.name}")
-        step, nonfinite = int(state["step"]), int(state.get("nonfinite_in_a_row", 0))
-        loader.load_state_dict(state["data"])
-        if acc.scaler is not None and state.get("scaler"):
-            acc.scaler.load_state_dict(state["scaler"])
-        log.info("resumed stage %s from %s at step %d", stage.name, resume_from, step)
-    elif cfg.resume and cfg.resume != "latest":
-        raise ckpt.CheckpointError(f"resume={cfg.resume}: nothing to resume")
-
-    writer = None
-    if acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(sdir / "logs"))
-        (sdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
-        print(f"stage {stage.name}: {total} steps, {n_train / 1e6:.2f} M trainable parameters "
-              f"({per_group}), "
-              f"batch {cfg.train_batch_size} x {accum} x {acc.num_processes}, out {sdir}",
-              flush=True)
-
-    def trainer_state(s: int) -> dict[str, Any]:
-        return {"stage": stage.name, "step": s, "total_steps": total, "data": loader.state_dict(),
-                "lr_schedule": schedule.state_dict(), "nonfinite_in_a_row": nonfinite,
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "seed": cfg.seed, "config_hash": config_hash(cfg)}
-
-    def save(s: int) -> None:
-        ckpt.save_checkpoint(sdir, s, model=model, optimizer=optimizer,
-                             trainer_state=trainer_state(s),
-                             rank=acc.process_index, is_main=acc.is_main_process,
-                             barrier=acc.wait_for_everyone, total_limit=cfg.checkpoints_total_limit,
-                             sharded_root=sharded_root)
-
-    val_cache: list[dict[str, Any]] | None = None
-
-    def validate(s: int) -> dict[str, float]:
-        nonlocal val_cache
-        metrics: dict[str, float] = {}
+    def __init__(self, stage: Stage, cfg: TrainConfig, init_path: str | Path | None = None):
+        self.stage, self.cfg = stage, cfg
+        self.total = int(stage.total_steps(cfg))
+        self.accum = max(1, int(cfg.gradient_accumulation_steps))
+        # the data first: a run with no data fails in one line before anything is created
+        self.manifest = load_manifest(cfg.data)
+        self.acc = acc = Accelerator(
+            gradient_accumulation_steps=1,  # accumulation is done by hand (non-finite skipping)
+            mixed_precision=cfg.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=stage.find_unused_parameters)],
+        )
+        set_seed(cfg.seed)
+        self.model = stage.build_model(cfg, str(init_path) if init_path else None)
+        self.groups = self.model.set_training_stage(stage.name, cfg)
+        if cfg.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        optimizer = make_optimizer(self.groups, cfg)
+        self.schedule = LRSchedule(optimizer, self.groups, cfg, self.total)
+        self.wrapper, self.optimizer = acc.prepare(_LossModule(stage, self.model), optimizer)
+        # FSDP shards the parameters: checkpoints gather them (collectively) from this root
+        self.sharded_root = self.wrapper if acc.distributed_type == DistributedType.FSDP else None
+        if self.sharded_root is None and \
+                os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            log.warning("the launcher asked for FSDP but accelerate runs %s (accelerate does FSDP "
+                        "on GPUs only): the model is NOT sharded", acc.distributed_type)
+        if self.sharded_root is not None and cfg.validation_steps > 0:
+            raise TrainingError("validation_steps>0 is not supported under FSDP yet (validation "
+                                "runs the model on rank 0 alone); set validation_steps=0 and "
+                                "evaluate the checkpoints, or train with DDP")
+        self.dir = stage_dir_of(cfg, stage.name)
         if acc.is_main_process:
-            if val_cache is None:
-                vview = make_view(stage.view, manifest.get("stats"), cfg,
-                                  **stage.val_view_options())
-                val_cache = [batch_to_device(b, acc.device) for b in eval_batches(
-                    manifest, vview, cfg.train_batch_size, split="val",
-                    max_batches=cfg.validation_batches, seed=cfg.seed)]
-            model.eval()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.dir)
+        self.loader = TrainLoader(
+            self.manifest, make_view(stage.view, self.manifest.get("stats"), cfg,
+                                     **stage.view_options()),
+            cfg.train_batch_size, split="train", seed=cfg.seed, num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor,
+            resampled=cfg.resampled, epoch_samples=cfg.epoch_samples,
+            shuffle_buffer=cfg.shuffle_buffer, rank=acc.process_index,
+            world_size=acc.num_processes, length_fn=_StepLength(stage, self.accum, self.total),
+            float_images=acc.device.type == "cpu",  # on a GPU, uint8 crosses the bus (4x fewer)
+        )
+        self.step, self.nonfinite, self.skipped = 0, 0, 0
+        self.resume()
+        self.writer = None
+        if acc.is_main_process:
+            self.writer = SummaryWriter(str(self.dir / "logs"))
+            (self.dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+            self.announce()
+        self.stats, self.window = StepStats(), StepStats()  # whole run / since the last log
+        self.losses: list[tuple[int, float]] = []
+        self.last_val: dict[str, float] = {}
+        self._val_batches: list[dict[str, Any]] | None = None
+        self._data = None
+
+    def announce(self) -> None:
+        counts = freeze.count_by_group(self.model)
+        n_train = sum(r["trainable"] for r in counts.values())
+        per_group = ", ".join(f"{k} {v['trainable'] / 1e6:.2f} M" for k, v in counts.items())
+        print(f"stage {self.stage.name}: {self.total} steps, {n_train / 1e6:.2f} M trainable "
+              f"parameters ({per_group}), batch {self.cfg.train_batch_size} x {self.accum} x "
+              f"{self.acc.num_processes}, out {self.dir}", flush=True)
+
+    # -- resume and save ----------------------------------------------------------------------
+    def resume(self) -> None:
+        resume_from = ckpt.resolve_resume(self.cfg.resume, self.dir)
+        if resume_from is None:
+            if self.cfg.resume and self.cfg.resume != "latest":
+                raise ckpt.CheckpointError(f"resume={self.cfg.resume}: nothing to resume")
+            return
+        state = ckpt.load_checkpoint(resume_from, model=self.model, optimizer=self.optimizer,
+                                     rank=self.acc.process_index, sharded_root=self.sharded_root)
+        if state.get("stage") != self.stage.name:
+            raise ckpt.CheckpointError(f"{resume_from}: a stage {state.get('stage')} checkpoint, "
+                                       f"not stage {self.stage.name}")
+        self.step, self.nonfinite = int(state["step"]), int(state.get("nonfinite_in_a_row", 0))
+        self.loader.load_state_dict(state["data"])
+        if self.acc.scaler is not None and state.get("scaler"):
+            self.acc.scaler.load_state_dict(state["scaler"])
+        log.info("resumed stage %s from %s at step %d", self.stage.name, resume_from, self.step)
+
+    def trainer_state(self) -> dict[str, Any]:
+        scaler = self.acc.scaler
+        return {"stage": self.stage.name, "step": self.step, "total_steps": self.total,
+                "data": self.loader.state_dict(), "lr_schedule": self.schedule.state_dict(),
+                "nonfinite_in_a_row": self.nonfinite,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "seed": self.cfg.seed, "config_hash": config_hash(self.cfg)}
+
+    def save(self) -> None:
+        ckpt.save_checkpoint(self.dir, self.step, model=self.model, optimizer=self.optimizer,
+                             trainer_state=self.trainer_state(), rank=self.acc.process_index,
+                             is_main=self.acc.is_main_process, barrier=self.acc.wait_for_everyone,
+                             total_limit=self.cfg.checkpoints_total_limit,
+                             sharded_root=self.sharded_root)
+
+    def save_final(self) -> Path | None:
+        full_state, final_dir = None, None
+        if self.sharded_root is not None:  # collective: every rank gathers
+            full_state, _ = ckpt.gather_full_state(self.sharded_root, self.model)
+        if self.acc.is_main_process:
+            final_dir = self.dir / "final"
+            _atomic_save_final(self.model, final_dir, {
+                "stage": self.stage.name, "steps": self.step, "config": to_dict(self.cfg),
+                "val": self.last_val, "stats": self.stats.summary(),
+                # generation must normalise audio exactly as training did, without the shards
+                "data_stats": self.manifest.get("stats")}, full_state)
+        self.acc.wait_for_everyone()
+        return final_dir
+
+    # -- validate -----------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.acc.is_main_process:
+            if self._val_batches is None:  # built once, on the device
+                view = make_view(self.stage.view, self.manifest.get("stats"), self.cfg,
+                                 **self.stage.val_view_options())
+                self._val_batches = [batch_to_device(b, self.acc.device) for b in eval_batches(
+                    self.manifest, view, self.cfg.train_batch_size, split="val",
+                    max_batches=self.cfg.validation_batches, seed=self.cfg.seed)]
+            self.model.eval()
             try:
-                metrics = stage.validate(model, val_cache, s, writer, sdir / "validation") or {}
+                metrics = self.stage.validate(self.model, self._val_batches, self.step,
+                                              self.writer, self.dir / "validation") or {}
             finally:
-                model.train()
+                self.model.train()
             for k, v in metrics.items():
-                writer.add_scalar(f"val/{k}", v, s)
-            writer.flush()
-        acc.wait_for_everyone()
+                self.writer.add_scalar(f"val/{k}", v, self.step)
+            self.writer.flush()
+        self.acc.wait_for_everyone()
+        self.last_val = metrics or self.last_val
         return metrics
 
-    stats, window = StepStats(), StepStats()  # whole run / since the last log line
-    losses: list[tuple[int, float]] = []
-    last_val: dict[str, float] = {}
-    end = total if max_steps is None else min(total, step + max_steps)
-    data_iter = iter(loader)
-    model.train()
-    bar = tqdm(total=end, initial=step, desc=f"stage {stage.name}", disable=not acc.is_main_process,
-               dynamic_ncols=True)
-    while step < end:
+    # -- one step -----------------------------------------------------------------------------
+    def batches(self):
+        if self._data is None:
+            self._data = iter(self.loader)
+        return self._data
+
+    def train_step(self) -> StepOutcome:
+        """One step: ``gradient_accumulation_steps`` micro-batches and at most one optimiser
+        update (skipped, on every rank together, when a loss or gradient is not finite)."""
+        acc, cfg, step = self.acc, self.cfg, self.step
         st = StepStats(steps=1)
         clock = _Clock(st, acc.device.type == "cuda")
         t_step = time.perf_counter()
-        stage.on_step_start(step, total)
-        lrs = schedule.apply(step)
+        self.stage.on_step_start(step, self.total)
+        lrs = self.schedule.apply(step)
         terms: dict[str, float] = {}
         step_loss, finite = 0.0, True
-        for micro in range(accum):
+        data = self.batches()
+        for micro in range(self.accum):
             with clock("data"):
-                batch = batch_to_device(next(data_iter), acc.device)
+                batch = batch_to_device(next(data), acc.device)
             st.samples += batch_size_of(batch) * acc.num_processes
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(wrapper)
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.wrapper)
             with sync, attention_kernels(cfg):
                 with clock("forward"):
-                    loss, parts = wrapper(batch, step, total)
+                    loss, parts = self.wrapper(batch, step, self.total)
                 ok = torch.isfinite(loss.detach()).float()
                 if acc.num_processes > 1:  # every rank skips together, or DDP would hang
                     ok = acc.reduce(ok, reduction="mean")
@@ -358,15 +396,15 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
                     finite = False
                     break
                 with clock("backward"):
-                    acc.backward(loss / accum)
+                    acc.backward(loss / self.accum)
             del batch  # its memory is then freed by the loader's thread, not in the next data wait
-            step_loss += float(loss.detach()) / accum
+            step_loss += float(loss.detach()) / self.accum
             for k, v in parts.items():
-                terms[k] = terms.get(k, 0.0) + float(v) / accum
+                terms[k] = terms.get(k, 0.0) + float(v) / self.accum
         with clock("optimizer"):
             grad_norm = float("nan")
             if finite:
-                params = [p for g in optimizer.param_groups for p in g["params"]
+                params = [p for g in self.optimizer.param_groups for p in g["params"]
                           if p.grad is not None]
                 if cfg.gradient_clip_norm and cfg.gradient_clip_norm > 0 and params:
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.gradient_clip_norm))
@@ -374,72 +412,98 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
                 if clipped and not math.isfinite(grad_norm):
                     finite = False  # inf/nan gradients with a finite loss: skip the update too
                 else:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         st.total = time.perf_counter() - t_step
-        stats.add(st)
-        window.add(st)
-        step += 1
-        bar.update(1)
-        if finite:
-            nonfinite = 0
-            losses.append((step, step_loss))
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-        else:
-            nonfinite += 1
-            skipped += 1
-            log.warning("stage %s step %d: non-finite loss or gradient, update skipped "
-                        "(%d in a row)",
-                        stage.name, step, nonfinite)
-            if nonfinite >= cfg.max_nonfinite_steps:
-                bar.close()  # the error line must not land on the progress bar's line
-                last = ckpt.latest_checkpoint(sdir)
-                raise TrainingError(
-                    f"stage {stage.name} stopped at step {step}: {nonfinite} non-finite losses in "
-                    f"a row (max_nonfinite_steps={cfg.max_nonfinite_steps}). Last good checkpoint: "
-                    f"{last or 'none'}. Try a lower learning rate, mixed_precision=no or bf16, or "
-                    f"check the data.")
-        if writer is not None and (step % max(1, cfg.log_steps) == 0 or step == end):
-            if finite:
-                writer.add_scalar("train/loss", step_loss, step)
-                for k, v in terms.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                if math.isfinite(grad_norm):
-                    writer.add_scalar("train/grad_norm", grad_norm, step)
-            for g, lr in zip(groups, lrs):
-                writer.add_scalar(f"lr/{g['name']}", lr, step)
-            for k, v in window.summary().items():
-                if k != "steps":
-                    writer.add_scalar(f"perf/{k}", v, step)
-            window = StepStats()
-        if cfg.validation_steps > 0 and step % cfg.validation_steps == 0 and step < total:
-            last_val = validate(step)
-        if cfg.checkpointing_steps > 0 and step % cfg.checkpointing_steps == 0 and step < total:
-            save(step)
-    bar.close()
-    data_iter.close()  # shuts the data-loader workers down now, not at garbage collection
+        self.stats.add(st)
+        self.window.add(st)
+        self.step += 1
+        return StepOutcome(step_loss, terms, finite, grad_norm, lrs)
 
+    def record(self, out: StepOutcome) -> None:
+        """Count the step's loss (or its skip) and log it; stop the run after too many
+        non-finite steps in a row."""
+        if out.finite:
+            self.nonfinite = 0
+            self.losses.append((self.step, out.loss))
+        else:
+            self.nonfinite += 1
+            self.skipped += 1
+            log.warning("stage %s step %d: non-finite loss or gradient, update skipped "
+                        "(%d in a row)", self.stage.name, self.step, self.nonfinite)
+            if self.nonfinite >= self.cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"stage {self.stage.name} stopped at step {self.step}: {self.nonfinite} "
+                    f"non-finite losses in a row (max_nonfinite_steps="
+                    f"{self.cfg.max_nonfinite_steps}). Last good checkpoint: "
+                    f"{ckpt.latest_checkpoint(self.dir) or 'none'}. Try a lower learning rate, "
+                    f"mixed_precision=no or bf16, or check the data.")
+        w = self.writer
+        if w is None or self.step % max(1, self.cfg.log_steps):
+            return
+        if out.finite:
+            w.add_scalar("train/loss", out.loss, self.step)
+            for k, v in out.terms.items():
+                w.add_scalar(f"train/{k}", v, self.step)
+            if math.isfinite(out.grad_norm):
+                w.add_scalar("train/grad_norm", out.grad_norm, self.step)
+        for g, lr in zip(self.groups, out.lrs):
+            w.add_scalar(f"lr/{g['name']}", lr, self.step)
+        for k, v in self.window.summary().items():
+            if k != "steps":
+                w.add_scalar(f"perf/{k}", v, self.step)
+        self.window = StepStats()
+
+    def due(self, every: int) -> bool:
+        """True every ``every`` steps before the end (the end has its own save and validation)."""
+        return every > 0 and self.step % every == 0 and self.step < self.total
+
+    def close(self) -> None:
+        if self._data is not None:
+            self._data.close()  # shuts the data-loader workers down now, not at collection
+            self._data = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = None,
+              max_steps: int | None = None, save_final: bool = True) -> StageResult:
+    """Train ``stage``: train steps, with validation and checkpoints on their schedules, then
+    ``final/``. ``max_steps``: stop after this many steps of this run (tests; the schedule still
+    follows the stage's total), leaving a checkpoint to resume from."""
+    trainer = Trainer(stage, cfg, init_path)
+    end = trainer.total if max_steps is None else min(trainer.total, trainer.step + max_steps)
+    bar = tqdm(total=end, initial=trainer.step, desc=f"stage {stage.name}",
+               disable=not trainer.acc.is_main_process, dynamic_ncols=True)
     final_dir = None
-    if step >= total:
-        last_val = validate(step) if cfg.validation_steps > 0 else last_val
-        full_state = None
-        if save_final and sharded_root is not None:  # collective: every rank gathers
-            full_state, _ = ckpt.gather_full_state(sharded_root, model)
-        if save_final and acc.is_main_process:
-            final_dir = sdir / "final"
-            _atomic_save_final(model, final_dir, {
-                "stage": stage.name, "steps": step, "config": to_dict(cfg), "val": last_val,
-                "stats": stats.summary(),
-                # generation must normalise audio exactly as training did, without the shards
-                "data_stats": manifest.get("stats")}, full_state)
-        acc.wait_for_everyone()
-    elif cfg.checkpointing_steps > 0:
-        save(step)  # stopped early (max_steps): leave a checkpoint to resume from
-    if writer is not None:
-        writer.close()
-    summary = stats.summary()
-    if acc.is_main_process:
-        print(f"stage {stage.name}: {step} steps, {summary['samples_per_s']:.2f} samples/s, "
-              f"data wait {100 * summary['data_wait_fraction']:.1f}%"
+    try:
+        trainer.model.train()
+        while trainer.step < end:
+            out = trainer.train_step()
+            bar.update(1)
+            if out.finite:
+                bar.set_postfix(loss=f"{out.loss:.4f}")
+            trainer.record(out)
+            if trainer.due(cfg.validation_steps):
+                trainer.validate()
+            if trainer.due(cfg.checkpointing_steps):
+                trainer.save()
+        bar.close()
+        if trainer.step >= trainer.total:
+            if cfg.validation_steps > 0:
+                trainer.validate()
+            if save_final:
+                final_dir = trainer.save_final()
+        elif cfg.checkpointing_steps > 0:
+            trainer.save()  # stopped early (max_steps): leave a checkpoint to resume from
+    finally:  # before any error line is printed, so it does not land on the bar's line
+        bar.close()
+        trainer.close()
+    summary = trainer.stats.summary()
+    if trainer.acc.is_main_process:
+        print(f"stage {stage.name}: {trainer.step} steps, {summary['samples_per_s']:.2f} "
+              f"samples/s, data wait {100 * summary['data_wait_fraction']:.1f}%"
               + (f", final {final_dir}" if final_dir else ""), flush=True)
-    return StageResult(stage.name, final_dir, step, losses, last_val, summary, skipped)
+    return StageResult(stage.name, final_dir, trainer.step, trainer.losses, trainer.last_val,
+                       summary, trainer.skipped)

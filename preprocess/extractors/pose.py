@@ -280,6 +280,14 @@ def to_crop(points: np.ndarray, x0: int, y0: int, width: int, height: int) -> np
     return out
 
 
+def keep_inside(points: np.ndarray) -> np.ndarray:
+    """Points outside the crop count as missing (score 0, zeros), so every kept x, y is in [0, 1]."""
+    out = points.copy()
+    bad = (out[..., 0] < 0) | (out[..., 0] > 1) | (out[..., 1] < 0) | (out[..., 1] > 1)
+    out[bad] = 0.0
+    return out
+
+
 def render_heatmaps(body: np.ndarray, h: int, w: int, sigma: float, min_score: float) -> np.ndarray:
     """(T, 18, 3) in [0, 1] crop coords -> (T, 18, h, w) uint8 Gaussians (peak 255)."""
     t = body.shape[0]

@@ -59,12 +59,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dwm.datasets import iter_tar_samples
+from dwm.datasets.pipeline import split_urls
+from dwm.datasets.views import (SampleError, decode_features, face_target, nearest_clip,
+                                pick_face_frame, sample_meta)
+from dwm.preprocess.extractors.base import VideoContext
+from dwm.preprocess.extractors.face import FaceExtractor
+from dwm.preprocess.extractors.pose import PoseExtractor, to_crop
 from dwm.shared import config as C
-from dwm.shared import contract
+from dwm.shared import contract, registry, storage
 from dwm.shared.errors import UserFacingError
+from dwm.shared.shards import ManifestError, load_manifest
+from dwm.training import metrics
+from dwm.training.models.animator import load_dance_model
+from dwm.training.stages.stage_a import train_statistics
 
 from dwm.generate import pipeline as G
-from dwm.training import metrics
+from dwm.generate import plots
 
 MIN_CONF = 0.3  # joints below this pose score count as missing (as in stage A's validation)
 STAGE_A_FEATURES = ("audio_mel", "audio_baseline", "pose_body", "face_present", "face_crop",
@@ -139,10 +150,6 @@ def load_clips(manifest: dict[str, Any], split: str, max_samples: int, names: tu
                optional: tuple[str, ...] = (), need_audio: bool = False) -> list[Clip]:
     """Up to ``max_samples`` samples of ``split`` in manifest order (deterministic); samples
     that lack a needed feature are skipped."""
-    from dwm.datasets import iter_tar_samples
-    from dwm.datasets.pipeline import split_urls
-    from dwm.datasets.views import SampleError, decode_features, sample_meta
-
     splits = ("train", "val") if split == "all" else (split,)
     urls = [u for s in splits for u in split_urls(manifest, s)]
     clips: list[Clip] = []
@@ -183,30 +190,53 @@ def _nanmean(values: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 # stage A
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict_poses_for(m2p: torch.nn.Module, clip: Clip, reference_pose: np.ndarray,
-                      stats: dict[str, Any] | None, audio_window: int,
-                      pose_steps: int | None = None, seed: int = 0) -> np.ndarray:
-    """The M2PEncoder's poses (T, K, 3), score 1, for one clip's music: the one place the eval
-    asks the model for poses, predicted over the whole segment as ``dwm generate`` does.
-
-    reference_pose (K, 3): the body the dance should start from and keep (the clip's frame 0,
-    as ``generate`` uses the photo's body); ``pose_steps``: sampling steps (None: the model's
-    default; 1: the deterministic one-step prediction, the eval's ablation); ``seed``: the
-    sampling noise. Today's M2PEncoder is a regressor that hears only the music, so it ignores
-    all three and the one-step column equals the model's."""
-    del reference_pose, pose_steps, seed  # taken by the reference-aware denoiser
+def song_of(clip: Clip) -> G.SongFeatures:
+    """The clip's music as ``DancePipeline`` takes a song: the cached audio features."""
     f = clip.feats
-    p = next(m2p.parameters())
-    poses = G.predict_poses(m2p, f["audio_mel"].astype(np.float32),
-                            f["audio_baseline"].astype(np.float32), stats, audio_window,
-                            max(1, audio_window // 4), p.device, show_progress=False)
+    return G.SongFeatures(mel=f["audio_mel"].astype(np.float32),
+                          baseline=f["audio_baseline"].astype(np.float32),
+                          beat_frames=list(clip.meta.get("beat_frames") or []),
+                          tempo=float(clip.meta.get("tempo") or 0.0),
+                          num_frames=len(f["audio_mel"]), fps=clip.fps)
+
+
+def reference_of(clip: Clip, body: np.ndarray, face_frame: int | None) -> G.Reference:
+    """The reference ``DancePipeline`` dances from, taken from the clip: ``body`` (K, 3) in
+    crop coordinates and the face of ``face_frame``. The poses need no pixels of the photo, so
+    the image is left black."""
+    f = clip.feats
+    face_embed, ok = face_target(f, face_frame)
+    face_crop = (np.array(f["face_crop"][face_frame]) if face_frame is not None
+                 else np.zeros((contract.FACE_CROP_SIZE,) * 2 + (3,), np.uint8))
+    w, h = (int(v) for v in clip.size)
+    return G.Reference(image=np.zeros((h, w, 3), np.uint8), body=body.astype(np.float32),
+                       crop_box=(0, 0, w, h), face_detected=bool(ok), face_embed=face_embed,
+                       face_crop=face_crop)
+
+
+@torch.no_grad()
+def predict_poses_for(pipe: G.DancePipeline, clip: Clip, reference: G.Reference,
+                      pose_steps: int | None = None, seed: int = 0,
+                      audio_window: int = 0) -> np.ndarray:
+    """The model's poses (T, K, 3), score 1, for one clip's music: the one place the eval asks
+    for poses, through ``DancePipeline.predict_poses`` as ``dwm generate`` does (over the whole
+    segment, windows of ``audio_window`` frames; 0: the training run's).
+
+    reference: the body the dance should start from and keep (the clip's frame 0, as generate
+    uses the photo's body); ``pose_steps``: sampling steps (None: the model's default; 1: the
+    deterministic one-step prediction, the eval's ablation); ``seed``: the sampling noise.
+    Today's M2PEncoder is a regressor that hears only the music: it ignores the reference and
+    the seed, and ``pose_steps`` is not passed on until ``predict_poses`` takes it, so the
+    one-step column equals the model's."""
+    del pose_steps  # for the denoiser's predict_poses(..., pose_steps=pose_steps)
+    poses = pipe.predict_poses(song_of(clip), reference, seed=seed, window=audio_window)
     return poses.bodies()
 
 
 @torch.no_grad()
-def predict_face_for(m2p: torch.nn.Module, clip: Clip, frame: int) -> np.ndarray:
+def predict_face_for(pipe: G.DancePipeline, clip: Clip, frame: int) -> np.ndarray:
     """The M2PEncoder face branch's embedding (D,) of the clip's face crop at ``frame``."""
+    m2p = pipe.model.m2p
     p = next(m2p.parameters())
     crop = torch.from_numpy(np.array(clip.feats["face_crop"][frame])).permute(2, 0, 1)[None]
     return m2p.encode_face(crop.to(p.device, p.dtype) / 255.0)[0].float().cpu().numpy()
@@ -249,15 +279,13 @@ def _sample_seed(seed: int, clip: int, sample: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, Any] | None,
-                     audio_window: int, baseline_pose: np.ndarray, baseline_face: np.ndarray,
-                     diversity_frames: int = 48, seed: int = 0, seeds: int = 4,
-                     show_progress: bool = True) -> dict[str, Any]:
+def evaluate_stage_a(pipe: G.DancePipeline, clips: list[Clip], baseline_pose: np.ndarray,
+                     baseline_face: np.ndarray, audio_window: int = 0, diversity_frames: int = 48,
+                     seed: int = 0, seeds: int = 4, show_progress: bool = True) -> dict[str, Any]:
     """Stage-A metrics (:data:`STAGE_A_METRICS`) of every predictor in :data:`PREDICTORS` on
-    ``clips`` (with audio); see the module docstring. ``seeds``: samples per clip for the seed
-    diversity of the model and the one-step prediction (< 2: not measured)."""
-    from dwm.datasets.views import face_target, pick_face_frame
-
+    ``clips`` (with audio); see the module docstring. ``audio_window``: the M2PEncoder's window
+    (0: the training run's); ``seeds``: samples per clip for the seed diversity of the model and
+    of the one-step prediction (< 2: not measured)."""
     if not clips:
         raise UserFacingError("no clip with audio in the evaluation split: nothing to measure "
                               "the M2PEncoder on")
@@ -275,15 +303,16 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
                                   disable=not show_progress, leave=False)):
         gt = clip.feats["pose_body"].astype(np.float32)
         t = len(gt)
-        reference = gt[0]
+        reference = reference_of(clip, gt[0], face_frames[i])
         j = other_clip_index(clips, i)
 
         def sample(steps: int | None, s: int) -> np.ndarray:
-            return predict_poses_for(m2p, clip, reference, stats, audio_window, steps,
-                                     _sample_seed(seed, i, s))
+            return predict_poses_for(pipe, clip, reference, steps, _sample_seed(seed, i, s),
+                                     audio_window)
 
         model = [sample(None, s) for s in range(max(1, seeds))]
-        one_step = [sample(1, s) for s in range(max(1, seeds))]
+        # deterministic by construction: two samples show it, at half the cost of four
+        one_step = [sample(1, s) for s in range(min(2, max(1, seeds)))]
         preds = {"model": model[0], "one_step": one_step[0], "ground_truth": gt,
                  "mean_pose": np.broadcast_to(baseline_pose, gt.shape).astype(np.float32),
                  "other_clip": (None if j is None else
@@ -304,13 +333,14 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
             if beats:
                 beat_rows[name].append(metrics.beat_scores(pred, beats, clip.fps,
                                                            min_conf=MIN_CONF))
-            ref_rows[name].append(metrics.reference_consistency(pred, reference, MIN_CONF, size))
+            ref_rows[name].append(metrics.reference_consistency(pred, reference.body, MIN_CONF,
+                                                                size))
         frame = face_frames[i]
         if frame is not None:
             emb, ok = face_target(clip.feats, frame)
             if ok:
                 face_true.append(emb)
-                model_face = predict_face_for(m2p, clip, frame)
+                model_face = predict_face_for(pipe, clip, frame)
                 faces["model"].append(model_face)
                 faces["one_step"].append(model_face)  # the face branch does not sample
                 faces["ground_truth"].append(emb)
@@ -402,11 +432,6 @@ def evaluate_video(model: Any, clips: list[Clip], settings: G.SamplingSettings, 
                    pcfg: C.PreprocessConfig, frames: int, seed: int, device: str = "cpu",
                    show_progress: bool = True) -> dict[str, Any]:
     """Stages B/C metrics of the video model on ``clips``; see the module docstring."""
-    from dwm.datasets.views import nearest_clip
-    from dwm.preprocess.extractors.base import VideoContext
-    from dwm.preprocess.extractors.face import FaceExtractor
-    from dwm.preprocess.extractors.pose import PoseExtractor, to_crop
-
     if not clips:
         raise UserFacingError("no clip with latents in the evaluation split: cannot evaluate the "
                               "video model")
@@ -442,14 +467,14 @@ def evaluate_video(model: Any, clips: list[Clip], settings: G.SamplingSettings, 
         h, w = fake.shape[1:3]
         # pose backend re-run on the generated frames (they are already the crop)
         pose_ext.reset(VideoContext(f"eval{i}", str(meta.get("source")), n, clip.fps, w, h))
-        det = pose_ext(G._batch(fake))
+        det = pose_ext(G.frame_batch(fake))
         det_body = to_crop(det["body"], 0, 0, w, h)
         acc = metrics.pose_accuracy(det_body, cond_pose, min_conf=MIN_CONF, size=(w, h))
         rows["pose_accuracy@0.1"].append(acc["pck@0.1"])
         rows["pose_accuracy@0.2"].append(acc["pck@0.2"])
         if face_ok:
             face_ext.reset(VideoContext(f"eval{i}", str(meta.get("source")), n, clip.fps, w, h))
-            fo = face_ext(G._batch(fake, {"pose_body": cond_pose,
+            fo = face_ext(G.frame_batch(fake, {"pose_body": cond_pose,
                                           "pose_face": np.zeros((n, contract.NUM_FACE_POINTS, 3),
                                                                 np.float32)}))
             emb = fo["embed"].astype(np.float32)
@@ -490,13 +515,15 @@ STAGE_A_ROWS = (
     ("bone-length error vs the reference (lower is better)", "bone_length_error", 3),
     ("frame-0 distance to the reference (frame units)", "frame0_distance", 3),
     ("joints in frame (share)", "in_frame", 3),
-    ("seed diversity ({seeds} seeds, frame units)", "seed_diversity", 4),
+    ("seed diversity ({seeds}; frame units)", "seed_diversity", 4),
 )
 
 
 def markdown_table(report: dict[str, Any]) -> str:
     a = report["stage_a"]
     names = a["predictors"]
+    seeds = int(a.get("seeds") or 0)
+    seeds_note = f"{seeds} seeds" + (", one-step 2" if seeds > 2 else "")
     random_note = (f"; random beats {_fmt(a['bas_random_beats'])}"
                    if a.get("bas_random_beats") is not None else "")
     lines = [f"# Evaluation of `{report['ckpt']}`", "",
@@ -510,7 +537,7 @@ def markdown_table(report: dict[str, Any]) -> str:
              "| metric | " + " | ".join(PREDICTOR_TITLES[n] for n in names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for label, key, digits in STAGE_A_ROWS:
-        label = label.format(random=random_note, seeds=a.get("seeds"))
+        label = label.format(random=random_note, seeds=seeds_note)
         lines.append(f"| {label} | " + " | ".join(_fmt(a[n][key], digits) for n in names) + " |")
     v = report.get("video")
     lines += ["", "## Stages B/C: pose + identity -> video", ""]
@@ -545,8 +572,6 @@ def output_dir_of(ckpt: Path) -> Path | None:
 
 
 def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]:
-    from dwm.generate import plots
-
     made: dict[str, str] = {}
     logs = output_dir_of(ckpt)
     if logs is not None:
@@ -578,11 +603,6 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
 # the command
 # ---------------------------------------------------------------------------------------------
 def main(cfg: C.EvalConfig) -> int:
-    from dwm.shared import registry, storage
-    from dwm.shared.shards import ManifestError, load_manifest
-    from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
-    from dwm.training.stages.stage_a import train_statistics
-
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "model_index.json").is_file():
         raise UserFacingError(f"ckpt={cfg.ckpt}: not a trained model folder (no model_index.json)")
@@ -598,15 +618,16 @@ def main(cfg: C.EvalConfig) -> int:
     model = load_dance_model(ckpt, device=device)
     if model.m2p is None:
         raise UserFacingError(f"ckpt={cfg.ckpt}: has no M2PEncoder (m2p)")
-    has_video = all(getattr(model, c) is not None for c in VIDEO_COMPONENTS)
+    meta = G.training_meta(ckpt)
+    # the data's statistics stand in when the checkpoint did not record the training data's
+    meta["norm_stats"] = meta["norm_stats"] or manifest.get("stats")
+    pipe = G.DancePipeline(model, meta, cfg.models, device=device, show_progress=False)
+    has_video = pipe.has_video
     video_note = None
     if not has_video:
         video_note = "the checkpoint has no video model (a stage-A checkpoint)."
     elif cfg.video_samples <= 0:
         video_note, has_video = "video_samples=0.", False
-    meta = G.training_meta(ckpt)
-    stats = meta["norm_stats"] or manifest.get("stats")
-    audio_window = int(cfg.audio_window or G.train_setting(meta, "audio_window"))
 
     split = cfg.split
     if split != "all" and not any(s.get("split") == split for s in manifest["shards"]):
@@ -617,7 +638,7 @@ def main(cfg: C.EvalConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clips = load_clips(manifest, split, cfg.max_samples, STAGE_A_FEATURES, need_audio=True)
     base_pose, base_face = train_statistics(manifest)
-    stage_a = evaluate_stage_a(model.m2p, clips, stats, audio_window, base_pose, base_face,
+    stage_a = evaluate_stage_a(pipe, clips, base_pose, base_face, cfg.audio_window,
                                cfg.diversity_frames, cfg.seed, cfg.seeds, show)
 
     video = None
@@ -636,7 +657,7 @@ def main(cfg: C.EvalConfig) -> int:
         video = evaluate_video(model, vclips, settings, vae, pcfg, cfg.video_frames, cfg.seed,
                                device, show)
 
-    plots = make_plots(out, ckpt, stage_a)
+    made_plots = make_plots(out, ckpt, stage_a)
     stage_a_json = {k: v for k, v in stage_a.items() if not k.startswith("_")}
     stage_a_json["per_joint_pck@0.1"] = {
         "joints": list(contract.BODY_JOINTS),
@@ -644,7 +665,7 @@ def main(cfg: C.EvalConfig) -> int:
     report = {"ckpt": str(ckpt), "data": str(cfg.data), "split": split,
               "stage": meta.get("stage"), "stage_a": stage_a_json, "video": video,
               "video_note": video_note,
-              "plots": plots, "definitions": DEFINITIONS}
+              "plots": made_plots, "definitions": DEFINITIONS}
     report = _finite(report)
     table = markdown_table(report)
     storage.atomic_write_text(str(out / "eval.json"), json.dumps(report, indent=1))

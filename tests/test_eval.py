@@ -134,9 +134,10 @@ def _eval_with_poses(monkeypatch, poses_of, tiny_models_cfg, stage_a_ckpt, manif
     face branch by the cached ArcFace embedding: what the model column says about them."""
     from dwm.datasets.views import face_target
 
-    monkeypatch.setattr(E, "predict_poses_for", lambda m2p, clip, ref, *a, **k: poses_of(clip, ref))
-    monkeypatch.setattr(E, "predict_face_for", lambda m2p, clip, frame: face_target(clip.feats,
-                                                                                    frame)[0])
+    monkeypatch.setattr(E, "predict_poses_for",
+                        lambda pipe, clip, ref, *a, **k: poses_of(clip, ref.body))
+    monkeypatch.setattr(E, "predict_face_for",
+                        lambda pipe, clip, frame: face_target(clip.feats, frame)[0])
     assert E.main(_cfg(tiny_models_cfg, ckpt=stage_a_ckpt, data=manifest_path, out=out)) == 0
     return json.loads((out / "eval.json").read_text())["stage_a"]
 

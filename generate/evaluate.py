@@ -357,8 +357,8 @@ def evaluate_stage_a(pipe: G.DancePipeline, clips: list[Clip], baseline_pose: np
     length = max(3, min(diversity_frames, min(len(s) for s in seqs["ground_truth"])))
     while length > 6 and len(_sub_clips(seqs["ground_truth"], length)) < 2:
         length //= 2
-    real_feats = np.stack([metrics.kinetic_features(s, fps, MIN_CONF)
-                           for s in _sub_clips(seqs["ground_truth"], length)])
+    real_feats = np.array([metrics.kinetic_features(s, fps, MIN_CONF)
+                           for s in _sub_clips(seqs["ground_truth"], length)])  # (N, D); N may be 0
 
     res: dict[str, Any] = {"predictors": list(PREDICTORS)}
     per_joint: dict[str, np.ndarray] = {}

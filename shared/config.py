@@ -290,7 +290,8 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     audio_window: int = 0  # M2PEncoder window in frames (0: the training run's audio_window)
-    diversity_frames: int = 48  # pose diversity is measured over sub-clips of this many frames
+    diversity_frames: int = 48  # FID_k and Div_k are measured over sub-clips of this many frames
+    seeds: int = 4  # samples per clip with different seeds, for the seed diversity (< 2: skip)
     video_samples: int = 2  # clips the video model renders (stages B/C metrics); 0: skip them
     video_frames: int = 16  # frames per rendered clip
     guidance_scale: float = 2.5  # as GenerateConfig

@@ -8,6 +8,8 @@ py := venv + "/bin/python"
 dwm := venv + "/bin/dwm"
 export HF_HUB_OFFLINE := env_var_or_default("HF_HUB_OFFLINE", "1")
 export TOKENIZERS_PARALLELISM := "false"
+# onnxruntime (pose and face models) sends usage telemetry unless told not to
+export ORT_DISABLE_TELEMETRY := "1"
 
 default:
     @just --list
@@ -16,8 +18,9 @@ default:
 setup variant="cpu":
     bash scripts/setup.sh {{variant}}
 
-# Run the whole test suite (installs first)
+# Run the whole test suite (installs first, with the app extra: the page is tested too)
 test *ARGS: setup
+    bash scripts/setup.sh app
     {{venv}}/bin/pytest {{ARGS}}
 
 # Run the main job end to end on a small generated default: preprocess -> A -> B -> C -> generate -> eval
@@ -43,6 +46,11 @@ eval *ARGS: setup
 # Measured speed of the data path and train step, as ratios (bench.json + Markdown table)
 bench *ARGS: setup
     {{dwm}} bench {{ARGS}}
+
+# Local web page: drop a photo and a song, watch the dance: just app [ckpt=...] [port=7860] [host=127.0.0.1]
+app *ARGS: setup
+    bash scripts/setup.sh app
+    {{dwm}} app {{ARGS}}
 
 # Download the `full` weights into models/ (needs internet)
 models *ARGS: setup

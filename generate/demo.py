@@ -106,6 +106,7 @@ def main(cfg: C.DemoConfig) -> int:
     ecfg = C.apply_overrides(C.EvalConfig(), {
         "ckpt": str(ckpt_root / "final"), "data": str(data / "manifest.json"),
         "out": str(out / "eval"), "steps": cfg.steps, "max_samples": 8,
+        "seeds": 2,  # each seed is a model call per clip; two show whether seeds differ
         "video_samples": 1, "video_frames": min(8, window),
         "models.profile": "tiny", "models.models_dir": models_dir,
     })

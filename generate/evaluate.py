@@ -2,24 +2,35 @@
 
 Writes ``<out>/eval.json``, ``<out>/eval.md`` (a Markdown table, also printed) and PNG plots.
 
-Stage A (the M2PEncoder; every checkpoint has one), on the ``split`` clips with audio. Poses are
-predicted over each whole clip segment exactly as ``dwm generate`` does (windows of
-``audio_window`` frames, cross-faded):
+Stage A (the M2PEncoder; every checkpoint has one), on the ``split`` clips with audio. Every
+metric is given for five predictors, scored by the same code on the same clips, so that a
+jittering, frozen or averaging model shows up beside what real dance scores:
+
+* **model**: the M2PEncoder's poses, predicted over each whole clip segment exactly as
+  ``dwm generate`` does, through :func:`predict_poses_for` (the one place that asks the model);
+* **one-step**: its deterministic one-step prediction (``pose_steps=1``), the ablation baseline
+  of a generative pose model;
+* **ground truth**: the clip's own poses (PCK 1, FID_k 0, speed ratio 1, frame-0 distance 0);
+* **mean pose**: the mean training pose in every frame (the mean training face embedding);
+* **another clip**: the real dance of another clip (of another video when there is one) played
+  against this clip's music: real motion, wrong song.
+
+The metrics (:mod:`dwm.training.metrics`):
 
 * PCK@0.1 / PCK@0.2 (normalised by the ground-truth torso, neck to mid-hip) and the mean joint
   error (in torsos), both measured in pixels of the cropped frame so x and y weigh the same;
 * face-embedding cosine: the M2PEncoder's face branch on a face crop of the clip vs the cached
   ArcFace embedding of that frame;
-* Beat Align Score of the predicted poses AND of the ground-truth poses of the same clips, side by
-  side, with the chance level (random beats): Bailando's definition (Siyao et al., CVPR 2022: mean
-  over music beats of exp(-d^2 / 2 sigma^2), d the distance to the nearest motion beat,
-  sigma = 0.05 s) with the speed smoothing scaled to the frame rate (5 frames at 60 fps ->
-  2 at 24 fps; see :func:`dwm.training.metrics.motion_beats`). Music beats: the preprocessing
-  audio extractor's beat track (``beat_frames`` of each sample);
-* pose diversity (Div_k-like, kinetic features standardised by the ground truth's), of the model
-  and of the ground truth, over sub-clips of ``diversity_frames`` frames;
-* the same numbers for the mean-pose baseline (the mean training pose for every frame, the mean
-  training face embedding).
+* beat precision / recall / F1: motion beats (speed minima) against the music beats (the
+  preprocessing audio extractor's beat track, ``beat_frames`` of each sample) within 0.07 s,
+  beside Bailando's Beat Align Score (Siyao et al., CVPR 2022) and its random-beat chance level.
+  BAS averages over music beats only, so jitter raises it; precision does not let it;
+* FID_k and Div_k of the 2D kinetic features of ``diversity_frames``-frame sub-clips, against the
+  ground truth's (standardised by it);
+* speed and acceleration ratios to the ground truth;
+* reference consistency against the clip's frame-0 pose (what ``generate`` gets from the photo):
+  bone-length error, frame-0 distance, share of joints in frame;
+* seed diversity: the distance between ``seeds`` samples of each clip.
 
 Stages B/C (when the checkpoint has the video model), on up to ``video_samples`` clips of
 ``video_frames`` frames: the video model renders the clip from the ground-truth poses, a reference
@@ -32,7 +43,8 @@ frames vs the conditioning poses (PCK@0.1 / 0.2). Temporal consistency: mean abs
 of frame-to-frame changes, generated vs ground truth (0-255 units, lower is better).
 
 Plots: loss curves of every stage from the TensorBoard logs beside the checkpoint, the per-clip
-BAS histogram (with ground truth, random beats and the mean pose marked) and per-joint PCK.
+BAS histogram (with ground truth, random beats and another clip marked), per-joint PCK and the
+beat alignment of one clip over time (speed curves with music and motion beats marked).
 """
 
 from __future__ import annotations
@@ -47,12 +59,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dwm.datasets import iter_tar_samples
+from dwm.datasets.pipeline import split_urls
+from dwm.datasets.views import (SampleError, decode_features, face_target, nearest_clip,
+                                pick_face_frame, sample_meta)
+from dwm.preprocess.extractors.base import VideoContext
+from dwm.preprocess.extractors.face import FaceExtractor
+from dwm.preprocess.extractors.pose import PoseExtractor, to_crop
 from dwm.shared import config as C
-from dwm.shared import contract
+from dwm.shared import contract, storage, weights
+from dwm.shared import vae as vae_io
 from dwm.shared.errors import UserFacingError
+from dwm.shared.shards import ManifestError, load_manifest
+from dwm.training import metrics
+from dwm.training.models.animator import load_dance_model
+from dwm.training.stages.stage_a import train_statistics
 
 from dwm.generate import pipeline as G
-from dwm.training import metrics
+from dwm.generate import plots
 
 MIN_CONF = 0.3  # joints below this pose score count as missing (as in stage A's validation)
 STAGE_A_FEATURES = ("audio_mel", "audio_baseline", "pose_body", "face_present", "face_crop",
@@ -60,23 +84,44 @@ STAGE_A_FEATURES = ("audio_mel", "audio_baseline", "pose_body", "face_present", 
 VIDEO_FEATURES = ("latents", "pose_body", "pose_heatmap", "face_present", "face_ref_embed")
 VIDEO_OPTIONAL = ("clip_frames", "clip_embed")
 
-# Keys of eval.json's "stage_a" and "video" sections (every one is always written).
-STAGE_A_KEYS = ("pck@0.1", "pck@0.2", "mean_joint_error", "face_cosine", "bas", "bas_ground_truth",
-                "bas_random_beats", "pose_diversity", "pose_diversity_ground_truth")
-BASELINE_KEYS = ("pck@0.1", "pck@0.2", "mean_joint_error", "face_cosine", "bas",
-                 "pose_diversity")
+# The columns of the stage-A table: each is scored by the same code on the same clips.
+PREDICTORS = ("model", "one_step", "ground_truth", "mean_pose", "other_clip")
+PREDICTOR_TITLES = {"model": "model", "one_step": "one-step", "ground_truth": "ground truth",
+                    "mean_pose": "mean pose", "other_clip": "another clip"}
+# Keys of each predictor's entry in eval.json's "stage_a" section (every one is always written;
+# null where it does not apply) and of the "video" section.
+STAGE_A_METRICS = ("pck@0.1", "pck@0.2", "mean_joint_error", "face_cosine", "beat_precision",
+                   "beat_recall", "beat_f1", "bas", "fid_k", "div_k", "speed_ratio",
+                   "accel_ratio", "bone_length_error", "frame0_distance", "in_frame",
+                   "seed_diversity")
 VIDEO_KEYS = ("psnr", "ssim", "id_similarity", "pose_accuracy@0.1", "pose_accuracy@0.2",
               "temporal_consistency")
 
 DEFINITIONS = {
+    "predictors": "model: the M2PEncoder's sample; one-step: its deterministic one-step "
+                  "prediction (pose_steps=1); ground truth: the clip's own poses; mean pose: "
+                  "the mean training pose in every frame; another clip: the real dance of "
+                  "another clip (another video when there is one) played against this music",
     "pck": "PCK@t: joint within t x ground-truth torso (neck to mid-hip), pixels of the crop",
     "mean_joint_error": "mean joint distance in ground-truth torsos",
     "face_cosine": "cosine(M2PEncoder face branch, cached ArcFace) on a face crop of the clip",
+    "beat_f1": "motion beats (local minima of the fps-scaled smoothed joint speed) against the "
+               "music beats, paired one-to-one within +-0.07 s: precision, recall, F1; "
+               "a frozen pose scores 0, jitter scores low precision",
     "bas": "Beat Align Score, Bailando (Siyao et al. CVPR 2022): mean over music beats of "
            "exp(-d^2/(2 sigma^2)), sigma 0.05 s; kinetic-speed smoothing scaled with fps "
-           "(5 frames at 60 fps)",
-    "pose_diversity": "mean pairwise distance of kinetic features (standardised by the ground "
-                      "truth), over sub-clips",
+           "(5 frames at 60 fps); it averages over music beats only, so jitter raises it",
+    "fid_k": "Frechet distance of AIST++/Bailando kinetic features (2D) of sub-clips against "
+             "the ground truth's, standardised by the ground truth's; lower is better",
+    "div_k": "mean pairwise distance of those standardised kinetic features; near the ground "
+             "truth's is right, an averaging model is lower",
+    "speed_ratio": "mean joint speed (acceleration) over the ground truth's, 1 = as fast",
+    "reference": "reference = the clip's frame-0 pose (generate: the photo's). Bone-length "
+                 "error: mean |limb length - reference limb length| / the reference's mean "
+                 "limb length; frame-0 distance: mean joint distance in frame units; in frame: "
+                 "share of joints inside the frame",
+    "seed_diversity": "mean joint distance (frame units) between samples of one clip with "
+                      "different seeds; 0 = one song, one dance",
     "psnr_ssim": "generated frames vs ground-truth latents decoded by the VAE",
     "id_similarity": "ArcFace cosine, generated frames vs the video's reference embedding",
     "pose_accuracy": "PCK of the pose backend re-run on generated frames vs conditioning poses",
@@ -106,10 +151,6 @@ def load_clips(manifest: dict[str, Any], split: str, max_samples: int, names: tu
                optional: tuple[str, ...] = (), need_audio: bool = False) -> list[Clip]:
     """Up to ``max_samples`` samples of ``split`` in manifest order (deterministic); samples
     that lack a needed feature are skipped."""
-    from dwm.datasets import iter_tar_samples
-    from dwm.datasets.pipeline import split_urls
-    from dwm.datasets.views import SampleError, decode_features, sample_meta
-
     splits = ("train", "val") if split == "all" else (split,)
     urls = [u for s in splits for u in split_urls(manifest, s)]
     clips: list[Clip] = []
@@ -147,8 +188,86 @@ def _nanmean(values: list[float]) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+# ---------------------------------------------------------------------------------------------
+# stage A
+# ---------------------------------------------------------------------------------------------
+def song_of(clip: Clip) -> G.SongFeatures:
+    """The clip's music as ``DancePipeline`` takes a song: the cached audio features."""
+    f = clip.feats
+    return G.SongFeatures(mel=f["audio_mel"].astype(np.float32),
+                          baseline=f["audio_baseline"].astype(np.float32),
+                          beat_frames=list(clip.meta.get("beat_frames") or []),
+                          tempo=float(clip.meta.get("tempo") or 0.0),
+                          num_frames=len(f["audio_mel"]), fps=clip.fps)
+
+
+def reference_of(clip: Clip, body: np.ndarray, face_frame: int | None) -> G.Reference:
+    """The reference ``DancePipeline`` dances from, taken from the clip: ``body`` (K, 3) in
+    crop coordinates and the face of ``face_frame``. The poses need no pixels of the photo, so
+    the image is left black."""
+    f = clip.feats
+    face_embed, ok = face_target(f, face_frame)
+    face_crop = (np.array(f["face_crop"][face_frame]) if face_frame is not None
+                 else np.zeros((contract.FACE_CROP_SIZE,) * 2 + (3,), np.uint8))
+    w, h = (int(v) for v in clip.size)
+    return G.Reference(image=np.zeros((h, w, 3), np.uint8), body=body.astype(np.float32),
+                       crop_box=(0, 0, w, h), face_detected=bool(ok), face_embed=face_embed,
+                       face_crop=face_crop)
+
+
+@torch.no_grad()
+def predict_poses_for(pipe: G.DancePipeline, clip: Clip, reference: G.Reference,
+                      pose_steps: int | None = None, seed: int = 0,
+                      audio_window: int = 0) -> np.ndarray:
+    """The model's poses (T, K, 3), score 1, for one clip's music: the one place the eval asks
+    for poses, through ``DancePipeline.predict_poses`` as ``dwm generate`` does (over the whole
+    segment, windows of ``audio_window`` frames; 0: the training run's).
+
+    reference: the body the dance should start from and keep (the clip's frame 0, as generate
+    uses the photo's body); ``pose_steps``: sampling steps (None: the model's default; 1: the
+    deterministic one-step prediction, the eval's ablation); ``seed``: the sampling noise.
+    Today's M2PEncoder is a regressor that hears only the music: it ignores the reference and
+    the seed, and ``pose_steps`` is not passed on until ``predict_poses`` takes it, so the
+    one-step column equals the model's."""
+    del pose_steps  # for the denoiser's predict_poses(..., pose_steps=pose_steps)
+    poses = pipe.predict_poses(song_of(clip), reference, seed=seed, window=audio_window)
+    return poses.bodies()
+
+
+@torch.no_grad()
+def predict_face_for(pipe: G.DancePipeline, clip: Clip, frame: int) -> np.ndarray:
+    """The M2PEncoder face branch's embedding (D,) of the clip's face crop at ``frame``."""
+    m2p = pipe.model.m2p
+    p = next(m2p.parameters())
+    crop = torch.from_numpy(np.array(clip.feats["face_crop"][frame])).permute(2, 0, 1)[None]
+    return m2p.encode_face(crop.to(p.device, p.dtype) / 255.0)[0].float().cpu().numpy()
+
+
+def other_clip_index(clips: list[Clip], i: int) -> int | None:
+    """The clip whose real dance is played against clip i's music: the next clip of another
+    video (cyclically), else the next clip; None when there is only one clip."""
+    n = len(clips)
+    order = [(i + d) % n for d in range(1, n)]
+    video = clips[i].meta.get("video_hash")
+    for j in order:
+        if clips[j].meta.get("video_hash") != video:
+            return j
+    return order[0] if order else None
+
+
+def fit_length(seq: np.ndarray, t: int) -> np.ndarray:
+    """``seq`` cut or extended to t frames; extended by playing it back and forth, so the motion
+    stays continuous (a wrap-around would add a jump that looks like a fast move)."""
+    n = len(seq)
+    if n >= t or n < 2:
+        return seq[np.minimum(np.arange(t), n - 1)]
+    period = 2 * (n - 1)
+    idx = np.arange(t) % period
+    return seq[np.where(idx < n, idx, period - idx)]
+
+
 def _sub_clips(poses: list[np.ndarray], length: int) -> list[np.ndarray]:
-    """Non-overlapping pieces of ``length`` frames of every sequence (for diversity)."""
+    """Non-overlapping pieces of ``length`` frames of every sequence (for FID_k and Div_k)."""
     out = []
     for p in poses:
         for s in range(0, len(p) - length + 1, length):
@@ -156,103 +275,136 @@ def _sub_clips(poses: list[np.ndarray], length: int) -> list[np.ndarray]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# stage A
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, Any] | None,
-                     audio_window: int, baseline_pose: np.ndarray, baseline_face: np.ndarray,
-                     diversity_frames: int = 48, seed: int = 0,
-                     show_progress: bool = True) -> dict[str, Any]:
-    """Stage-A metrics of ``m2p`` on ``clips`` (with audio); see the module docstring."""
-    from dwm.datasets.views import face_target, pick_face_frame
+def _sample_seed(seed: int, clip: int, sample: int) -> int:
+    return int(np.random.SeedSequence([seed, clip, sample]).generate_state(1)[0])
 
+
+@torch.no_grad()
+def evaluate_stage_a(pipe: G.DancePipeline, clips: list[Clip], baseline_pose: np.ndarray,
+                     baseline_face: np.ndarray, audio_window: int = 0, diversity_frames: int = 48,
+                     seed: int = 0, seeds: int = 4, show_progress: bool = True) -> dict[str, Any]:
+    """Stage-A metrics (:data:`STAGE_A_METRICS`) of every predictor in :data:`PREDICTORS` on
+    ``clips`` (with audio); see the module docstring. ``audio_window``: the M2PEncoder's window
+    (0: the training run's); ``seeds``: samples per clip for the seed diversity of the model and
+    of the one-step prediction (< 2: not measured)."""
     if not clips:
         raise UserFacingError("no clip with audio in the evaluation split: nothing to measure "
                               "the M2PEncoder on")
-    p = next(m2p.parameters())
-    preds, targets, confs, bases = [], [], [], []
-    pred_seqs, gt_seqs = [], []
-    bas_model, bas_gt, bas_rand, bas_base = [], [], [], []
-    face_pred, face_true = [], []
     size = clips[0].size  # one preprocessing resolution per manifest
+    fps = clips[0].fps
+    seqs: dict[str, list[np.ndarray]] = {name: [] for name in PREDICTORS}
+    beat_rows: dict[str, list[dict[str, float]]] = {name: [] for name in PREDICTORS}
+    ref_rows: dict[str, list[dict[str, float]]] = {name: [] for name in PREDICTORS}
+    seed_div: dict[str, list[float]] = {name: [] for name in PREDICTORS}
+    faces: dict[str, list[np.ndarray]] = {name: [] for name in PREDICTORS}
+    face_true, bas_rand, beats_of = [], [], []
+    face_frames = [pick_face_frame(c.feats["face_present"].astype(bool),
+                                   np.random.default_rng([seed, i])) for i, c in enumerate(clips)]
     for i, clip in enumerate(tqdm(clips, desc="stage A metrics", unit="clip",
                                   disable=not show_progress, leave=False)):
-        f = clip.feats
-        gt = f["pose_body"].astype(np.float32)
+        gt = clip.feats["pose_body"].astype(np.float32)
         t = len(gt)
-        poses = G.predict_poses(m2p, f["audio_mel"].astype(np.float32),
-                                f["audio_baseline"].astype(np.float32), stats, audio_window,
-                                max(1, audio_window // 4), p.device, show_progress=False)
-        pred = poses.bodies()
-        base = np.broadcast_to(baseline_pose, gt.shape).astype(np.float32)
-        preds.append(pred[..., :2])
-        targets.append(gt[..., :2])
-        confs.append(gt[..., 2])
-        bases.append(base[..., :2])
-        pred_seqs.append(pred)
-        gt_seqs.append(gt)
+        reference = reference_of(clip, gt[0], face_frames[i])
+        j = other_clip_index(clips, i)
+
+        def sample(steps: int | None, s: int) -> np.ndarray:
+            return predict_poses_for(pipe, clip, reference, steps, _sample_seed(seed, i, s),
+                                     audio_window)
+
+        model = [sample(None, s) for s in range(max(1, seeds))]
+        # deterministic by construction: two samples show it, at half the cost of four
+        one_step = [sample(1, s) for s in range(min(2, max(1, seeds)))]
+        preds = {"model": model[0], "one_step": one_step[0], "ground_truth": gt,
+                 "mean_pose": np.broadcast_to(baseline_pose, gt.shape).astype(np.float32),
+                 "other_clip": (None if j is None else
+                                fit_length(clips[j].feats["pose_body"].astype(np.float32), t))}
+        if seeds >= 2:
+            seed_div["model"].append(metrics.seed_diversity(np.stack(model), size=None))
+            seed_div["one_step"].append(metrics.seed_diversity(np.stack(one_step), size=None))
+            seed_div["mean_pose"].append(0.0)  # the same pose whatever the seed
         beats = [b for b in (clip.meta.get("beat_frames") or []) if 0 <= b < t]
+        beats_of.append(beats)
         if beats:
-            bas_model.append(metrics.beat_align_score(pred, beats, clip.fps))
-            bas_gt.append(metrics.beat_align_score(gt, beats, clip.fps, min_conf=MIN_CONF))
             bas_rand.append(metrics.random_beat_align_score(gt, len(beats), clip.fps,
                                                             seed=seed + i, min_conf=MIN_CONF))
-            bas_base.append(metrics.beat_align_score(base, beats, clip.fps))
-        frame = pick_face_frame(f["face_present"].astype(bool), np.random.default_rng([seed, i]))
+        for name, pred in preds.items():
+            if pred is None:
+                continue
+            seqs[name].append(pred)
+            if beats:
+                beat_rows[name].append(metrics.beat_scores(pred, beats, clip.fps,
+                                                           min_conf=MIN_CONF))
+            ref_rows[name].append(metrics.reference_consistency(pred, reference.body, MIN_CONF,
+                                                                size))
+        frame = face_frames[i]
         if frame is not None:
-            emb, ok = face_target(f, frame)
+            emb, ok = face_target(clip.feats, frame)
             if ok:
-                crop = torch.from_numpy(np.array(f["face_crop"][frame])).permute(2, 0, 1)[None]
-                crop = crop.to(p.device, p.dtype) / 255.0
-                face_pred.append(m2p.encode_face(crop)[0].float().cpu().numpy())
                 face_true.append(emb)
+                model_face = predict_face_for(pipe, clip, frame)
+                faces["model"].append(model_face)
+                faces["one_step"].append(model_face)  # the face branch does not sample
+                faces["ground_truth"].append(emb)
+                faces["mean_pose"].append(baseline_face)
+                other = None
+                if j is not None and face_frames[j] is not None:
+                    other, other_ok = face_target(clips[j].feats, face_frames[j])
+                faces["other_clip"].append(other if other is not None and other_ok
+                                           else np.zeros_like(emb))
 
-    P, T, Cf = np.concatenate(preds), np.concatenate(targets), np.concatenate(confs)
-    B = np.concatenate(bases)
-    res: dict[str, Any] = {}
-    per_joint: dict[str, np.ndarray] = {}
-    for tag, pred in (("model", P), ("baseline", B)):
-        pk = metrics.pck(pred, T, conf=Cf, thresholds=(0.1, 0.2), min_conf=MIN_CONF, size=size)
-        mje = metrics.mean_joint_error(pred, T, conf=Cf, min_conf=MIN_CONF, size=size)
-        res[tag] = {"pck@0.1": pk["pck@0.1"], "pck@0.2": pk["pck@0.2"], "mean_joint_error": mje}
-        per_joint[tag] = pk["per_joint@0.1"]
-        res.setdefault("frames_evaluated", pk["frames_used"])
-    if face_true:
-        ft = np.stack(face_true)
-        res["model"]["face_cosine"] = metrics.face_cosine(np.stack(face_pred), ft)
-        res["baseline"]["face_cosine"] = metrics.face_cosine(
-            np.broadcast_to(baseline_face, ft.shape), ft)
-    else:
-        res["model"]["face_cosine"] = res["baseline"]["face_cosine"] = float("nan")
-
-    res["model"]["bas"] = _nanmean(bas_model)
-    res["bas_ground_truth"] = _nanmean(bas_gt)
-    res["bas_random_beats"] = _nanmean(bas_rand)
-    res["baseline"]["bas"] = _nanmean(bas_base)
-
+    gt_all = np.concatenate(seqs["ground_truth"])
+    target, conf = gt_all[..., :2], gt_all[..., 2]
     # sub-clips of diversity_frames frames; shorter when the split is too small for two of them
-    length = max(3, min(diversity_frames, min(len(s) for s in gt_seqs)))
-    while length > 6 and len(_sub_clips(gt_seqs, length)) < 2:
+    length = max(3, min(diversity_frames, min(len(s) for s in seqs["ground_truth"])))
+    while length > 6 and len(_sub_clips(seqs["ground_truth"], length)) < 2:
         length //= 2
-    fps = clips[0].fps
-    gt_sub, pred_sub = _sub_clips(gt_seqs, length), _sub_clips(pred_seqs, length)
-    base_sub = _sub_clips([np.broadcast_to(baseline_pose, s.shape) for s in gt_seqs], length)
-    if len(gt_sub) >= 2:
-        feats = {name: np.stack([metrics.kinetic_features(s, fps, MIN_CONF) for s in subs])
-                 for name, subs in (("gt", gt_sub), ("model", pred_sub), ("base", base_sub))}
-        ref = feats["gt"]
-        res["model"]["pose_diversity"] = metrics.pose_diversity(feats["model"], reference=ref)
-        res["pose_diversity_ground_truth"] = metrics.pose_diversity(ref, reference=ref)
-        res["baseline"]["pose_diversity"] = metrics.pose_diversity(feats["base"], reference=ref)
-    else:
-        res["model"]["pose_diversity"] = res["baseline"]["pose_diversity"] = float("nan")
-        res["pose_diversity_ground_truth"] = float("nan")
+    real_feats = np.array([metrics.kinetic_features(s, fps, MIN_CONF)
+                           for s in _sub_clips(seqs["ground_truth"], length)])  # (N, D); N may be 0
+
+    res: dict[str, Any] = {"predictors": list(PREDICTORS)}
+    per_joint: dict[str, np.ndarray] = {}
+    for name in PREDICTORS:
+        row: dict[str, float] = {k: float("nan") for k in STAGE_A_METRICS}
+        res[name] = row
+        if not seqs[name]:  # the other-clip column with a single clip
+            per_joint[name] = np.full(contract.NUM_BODY_JOINTS, np.nan)
+            continue
+        pred_all = np.concatenate(seqs[name])
+        pk = metrics.pck(pred_all[..., :2], target, conf=conf, thresholds=(0.1, 0.2),
+                         min_conf=MIN_CONF, size=size)
+        row["pck@0.1"], row["pck@0.2"] = pk["pck@0.1"], pk["pck@0.2"]
+        per_joint[name] = pk["per_joint@0.1"]
+        res.setdefault("frames_evaluated", pk["frames_used"])
+        row["mean_joint_error"] = metrics.mean_joint_error(pred_all[..., :2], target, conf=conf,
+                                                           min_conf=MIN_CONF, size=size)
+        if face_true:
+            row["face_cosine"] = metrics.face_cosine(np.stack(faces[name]), np.stack(face_true))
+        for key in ("beat_precision", "beat_recall", "beat_f1", "bas"):
+            row[key] = _nanmean([r[key] for r in beat_rows[name]])
+        feats = [metrics.kinetic_features(s, fps, MIN_CONF)
+                 for s in _sub_clips(seqs[name], length)]
+        if len(feats) >= 2 and len(real_feats) >= 2:
+            row["fid_k"] = metrics.fid_k(np.stack(feats), real_feats)
+            row["div_k"] = metrics.div_k(np.stack(feats), reference=real_feats)
+        row.update(metrics.speed_accel_ratios(seqs[name], seqs["ground_truth"], fps,
+                                              min_conf=MIN_CONF, size=size))
+        for key in ("bone_length_error", "frame0_distance", "in_frame"):
+            row[key] = _nanmean([r[key] for r in ref_rows[name]])
+        row["seed_diversity"] = _nanmean(seed_div[name])
+    res["bas_random_beats"] = _nanmean(bas_rand)
     res["diversity_frames"] = length
+    res["diversity_sub_clips"] = len(real_feats)
+    res["seeds"] = seeds
     res["clips"] = len(clips)
-    res["clips_with_beats"] = len(bas_model)
+    res["clips_with_beats"] = len(beat_rows["ground_truth"])
     res["_per_joint"] = per_joint
-    res["_bas_per_clip"] = bas_model
+    res["_bas_per_clip"] = [r["bas"] for r in beat_rows["model"]]
+    first = int(np.argmax([len(b) for b in beats_of]))  # the clip with the most music beats
+    res["_beat_example"] = {"clip": clips[first].meta.get("key"), "fps": clips[first].fps,
+                            "music_beats": beats_of[first],
+                            "poses": {name: seqs[name][first] for name in
+                                      ("ground_truth", "model", "other_clip")
+                                      if len(seqs[name]) > first}}
     return res
 
 
@@ -281,11 +433,6 @@ def evaluate_video(model: Any, clips: list[Clip], settings: G.SamplingSettings, 
                    pcfg: C.PreprocessConfig, frames: int, seed: int, device: str = "cpu",
                    show_progress: bool = True) -> dict[str, Any]:
     """Stages B/C metrics of the video model on ``clips``; see the module docstring."""
-    from dwm.datasets.views import nearest_clip
-    from dwm.preprocess.extractors.base import VideoContext
-    from dwm.preprocess.extractors.face import FaceExtractor
-    from dwm.preprocess.extractors.pose import PoseExtractor, to_crop
-
     if not clips:
         raise UserFacingError("no clip with latents in the evaluation split: cannot evaluate the "
                               "video model")
@@ -321,14 +468,14 @@ def evaluate_video(model: Any, clips: list[Clip], settings: G.SamplingSettings, 
         h, w = fake.shape[1:3]
         # pose backend re-run on the generated frames (they are already the crop)
         pose_ext.reset(VideoContext(f"eval{i}", str(meta.get("source")), n, clip.fps, w, h))
-        det = pose_ext(G._batch(fake))
+        det = pose_ext(G.frame_batch(fake))
         det_body = to_crop(det["body"], 0, 0, w, h)
         acc = metrics.pose_accuracy(det_body, cond_pose, min_conf=MIN_CONF, size=(w, h))
         rows["pose_accuracy@0.1"].append(acc["pck@0.1"])
         rows["pose_accuracy@0.2"].append(acc["pck@0.2"])
         if face_ok:
             face_ext.reset(VideoContext(f"eval{i}", str(meta.get("source")), n, clip.fps, w, h))
-            fo = face_ext(G._batch(fake, {"pose_body": cond_pose,
+            fo = face_ext(G.frame_batch(fake, {"pose_body": cond_pose,
                                           "pose_face": np.zeros((n, contract.NUM_FACE_POINTS, 3),
                                                                 np.float32)}))
             emb = fo["embed"].astype(np.float32)
@@ -352,27 +499,47 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+# (label, key, digits): the rows of the stage-A table
+STAGE_A_ROWS = (
+    ("PCK@0.1 (higher is better)", "pck@0.1", 3),
+    ("PCK@0.2", "pck@0.2", 3),
+    ("mean joint error (torsos, lower is better)", "mean_joint_error", 3),
+    ("face-embedding cosine", "face_cosine", 3),
+    ("beat precision (motion beats on a music beat)", "beat_precision", 3),
+    ("beat recall (music beats with a motion beat)", "beat_recall", 3),
+    ("beat F1", "beat_f1", 3),
+    ("Beat Align Score (Bailando{random})", "bas", 3),
+    ("FID_k (kinetic features vs the real clips, lower is better)", "fid_k", 2),
+    ("Div_k", "div_k", 2),
+    ("speed ratio to the real dance (1 = as fast)", "speed_ratio", 2),
+    ("acceleration ratio", "accel_ratio", 2),
+    ("bone-length error vs the reference (lower is better)", "bone_length_error", 3),
+    ("frame-0 distance to the reference (frame units)", "frame0_distance", 3),
+    ("joints in frame (share)", "in_frame", 3),
+    ("seed diversity ({seeds}; frame units)", "seed_diversity", 4),
+)
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     a = report["stage_a"]
-    m, b = a["model"], a["baseline"]
+    names = a["predictors"]
+    seeds = int(a.get("seeds") or 0)
+    seeds_note = f"{seeds} seeds" + (", one-step 2" if seeds > 2 else "")
+    random_note = (f"; random beats {_fmt(a['bas_random_beats'])}"
+                   if a.get("bas_random_beats") is not None else "")
     lines = [f"# Evaluation of `{report['ckpt']}`", "",
              f"Data: `{report['data']}`, split `{report['split']}`, {a['clips']} clips "
              f"({a['clips_with_beats']} with music beats).", "",
              "## Stage A: music -> pose (M2PEncoder)", "",
-             "| metric | model | ground truth | mean-pose baseline |",
-             "|---|---|---|---|",
-             f"| PCK@0.1 (higher is better) | {_fmt(m['pck@0.1'])} | 1.000 | "
-             f"{_fmt(b['pck@0.1'])} |",
-             f"| PCK@0.2 | {_fmt(m['pck@0.2'])} | 1.000 | {_fmt(b['pck@0.2'])} |",
-             f"| mean joint error (torsos, lower is better) | {_fmt(m['mean_joint_error'])} | "
-             f"0.000 | {_fmt(b['mean_joint_error'])} |",
-             f"| face-embedding cosine | {_fmt(m['face_cosine'])} | 1.000 | "
-             f"{_fmt(b['face_cosine'])} |",
-             f"| Beat Align Score (Bailando; random beats {_fmt(a['bas_random_beats'])}) | "
-             f"{_fmt(m['bas'])} | {_fmt(a['bas_ground_truth'])} | {_fmt(b['bas'])} |",
-             f"| pose diversity ({a['diversity_frames']}-frame sub-clips) | "
-             f"{_fmt(m['pose_diversity'])} | {_fmt(a['pose_diversity_ground_truth'])} | "
-             f"{_fmt(b['pose_diversity'])} |"]
+             "Each column is scored by the same code on the same clips: " +
+             DEFINITIONS["predictors"] + f". FID_k / Div_k over {a['diversity_sub_clips']} "
+             f"ground-truth sub-clips of {a['diversity_frames']} frames (few sub-clips make "
+             "FID_k unstable).", "",
+             "| metric | " + " | ".join(PREDICTOR_TITLES[n] for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for label, key, digits in STAGE_A_ROWS:
+        label = label.format(random=random_note, seeds=seeds_note)
+        lines.append(f"| {label} | " + " | ".join(_fmt(a[n][key], digits) for n in names) + " |")
     v = report.get("video")
     lines += ["", "## Stages B/C: pose + identity -> video", ""]
     if v is None:
@@ -406,8 +573,6 @@ def output_dir_of(ckpt: Path) -> Path | None:
 
 
 def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]:
-    from dwm.generate import plots
-
     made: dict[str, str] = {}
     logs = output_dir_of(ckpt)
     if logs is not None:
@@ -419,13 +584,19 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
         print(f"note: no TensorBoard logs beside {ckpt} (stage_X/logs): no loss curves")
     made["bas_histogram"] = plots.plot_bas_histogram(
         stage_a["_bas_per_clip"], out / "bas_histogram.png",
-        references={"ground truth": stage_a["bas_ground_truth"],
+        references={"ground truth": stage_a["ground_truth"]["bas"],
                     "random beats": stage_a["bas_random_beats"],
-                    "mean pose": stage_a["baseline"]["bas"]})
+                    "another clip": stage_a["other_clip"]["bas"]})
     made["per_joint_pck"] = plots.plot_per_joint_pck(
         {"model": stage_a["_per_joint"]["model"],
-         "mean-pose baseline": stage_a["_per_joint"]["baseline"]},
+         "mean pose": stage_a["_per_joint"]["mean_pose"]},
         out / "per_joint_pck.png", threshold=0.1)
+    ex = stage_a["_beat_example"]
+    if ex["music_beats"]:
+        made["beat_alignment"] = plots.plot_beat_alignment(
+            {PREDICTOR_TITLES[n]: p for n, p in ex["poses"].items()}, ex["music_beats"],
+            ex["fps"], out / "beat_alignment.png", min_conf=MIN_CONF,
+            title=f"Beat alignment, clip {ex['clip']}")
     return made
 
 
@@ -433,11 +604,6 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
 # the command
 # ---------------------------------------------------------------------------------------------
 def main(cfg: C.EvalConfig) -> int:
-    from dwm.shared import storage, vae as vae_io, weights
-    from dwm.shared.shards import ManifestError, load_manifest
-    from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
-    from dwm.training.stages.stage_a import train_statistics
-
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "model_index.json").is_file():
         raise UserFacingError(f"ckpt={cfg.ckpt}: not a trained model folder (no model_index.json)")
@@ -453,15 +619,16 @@ def main(cfg: C.EvalConfig) -> int:
     model = load_dance_model(ckpt, device=device)
     if model.m2p is None:
         raise UserFacingError(f"ckpt={cfg.ckpt}: has no M2PEncoder (m2p)")
-    has_video = all(getattr(model, c) is not None for c in VIDEO_COMPONENTS)
+    meta = G.training_meta(ckpt)
+    # the data's statistics stand in when the checkpoint did not record the training data's
+    meta["norm_stats"] = meta["norm_stats"] or manifest.get("stats")
+    pipe = G.DancePipeline(model, meta, cfg.models, device=device, show_progress=False)
+    has_video = pipe.has_video
     video_note = None
     if not has_video:
         video_note = "the checkpoint has no video model (a stage-A checkpoint)."
     elif cfg.video_samples <= 0:
         video_note, has_video = "video_samples=0.", False
-    meta = G.training_meta(ckpt)
-    stats = meta["norm_stats"] or manifest.get("stats")
-    audio_window = int(cfg.audio_window or G.train_setting(meta, "audio_window"))
 
     split = cfg.split
     if split != "all" and not any(s.get("split") == split for s in manifest["shards"]):
@@ -472,8 +639,8 @@ def main(cfg: C.EvalConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clips = load_clips(manifest, split, cfg.max_samples, STAGE_A_FEATURES, need_audio=True)
     base_pose, base_face = train_statistics(manifest)
-    stage_a = evaluate_stage_a(model.m2p, clips, stats, audio_window, base_pose, base_face,
-                               cfg.diversity_frames, cfg.seed, show)
+    stage_a = evaluate_stage_a(pipe, clips, base_pose, base_face, cfg.audio_window,
+                               cfg.diversity_frames, cfg.seed, cfg.seeds, show)
 
     video = None
     if has_video:
@@ -491,16 +658,15 @@ def main(cfg: C.EvalConfig) -> int:
         video = evaluate_video(model, vclips, settings, vae, pcfg, cfg.video_frames, cfg.seed,
                                device, show)
 
-    plots = make_plots(out, ckpt, stage_a)
+    made_plots = make_plots(out, ckpt, stage_a)
     stage_a_json = {k: v for k, v in stage_a.items() if not k.startswith("_")}
     stage_a_json["per_joint_pck@0.1"] = {
         "joints": list(contract.BODY_JOINTS),
-        "model": stage_a["_per_joint"]["model"].tolist(),
-        "baseline": stage_a["_per_joint"]["baseline"].tolist()}
+        **{name: stage_a["_per_joint"][name].tolist() for name in PREDICTORS}}
     report = {"ckpt": str(ckpt), "data": str(cfg.data), "split": split,
               "stage": meta.get("stage"), "stage_a": stage_a_json, "video": video,
               "video_note": video_note,
-              "plots": plots, "definitions": DEFINITIONS}
+              "plots": made_plots, "definitions": DEFINITIONS}
     report = _finite(report)
     table = markdown_table(report)
     storage.atomic_write_text(str(out / "eval.json"), json.dumps(report, indent=1))

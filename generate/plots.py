@@ -1,4 +1,5 @@
-"""PNG plots a researcher opens after a run: loss curves, the BAS histogram, per-joint PCK.
+"""PNG plots a researcher opens after a run: loss curves, the BAS histogram, per-joint PCK, beat
+alignment over time.
 
 Each ``plot_*`` function writes one PNG (atomically) and returns its path. Matplotlib is used
 through its object API with the Agg canvas, so importing this module never changes the global
@@ -19,8 +20,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dwm.shared import contract, storage
+from dwm.training import metrics
 
-__all__ = ["read_scalars", "plot_loss_curves", "plot_bas_histogram", "plot_per_joint_pck"]
+__all__ = ["read_scalars", "plot_loss_curves", "plot_bas_histogram", "plot_per_joint_pck",
+           "plot_beat_alignment"]
 
 STAGES = ("A", "B", "C")
 
@@ -181,3 +184,46 @@ def plot_per_joint_pck(
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out_path)
+
+
+def plot_beat_alignment(
+    poses: Mapping[str, np.ndarray],
+    music_beats: Sequence[int] | np.ndarray,
+    fps: float,
+    out_path: str | os.PathLike,
+    min_conf: float = 0.3,
+    title: str = "Beat alignment",
+) -> str:
+    """One panel per pose sequence (e.g. ``{"ground truth": gt, "model": pred}``, each
+    (T, K, 2|3) of the same clip): the smoothed joint-speed curve that motion beats are read from
+    (:func:`dwm.training.metrics.motion_speed`), the music beats as dashed lines, and the motion
+    beats as dots, filled where they fall on a music beat (within the beat-F1 tolerance) and
+    hollow where they do not. Each panel's title gives its beat F1 and BAS."""
+    if not poses:
+        raise ValueError("plot_beat_alignment: no pose sequence to plot")
+    beats = np.asarray(music_beats, np.float64).ravel()
+    tol = max(metrics.BEAT_TOLERANCE_SECONDS * fps, 0.5)
+    fig = Figure(figsize=(9.0, 1.9 * len(poses) + 0.6))
+    axes = np.atleast_1d(fig.subplots(len(poses), 1, sharex=True))
+    for i, (ax, (name, seq)) in enumerate(zip(axes, poses.items())):
+        speed = metrics.motion_speed(seq, fps, min_conf=min_conf)
+        t = np.arange(len(speed)) / fps
+        mb = metrics.motion_beats(seq, fps, min_conf=min_conf)
+        scores = metrics.beat_scores(seq, beats, fps, min_conf=min_conf)
+        ax.plot(t, speed, color=f"C{i}", linewidth=1.2)
+        for b in beats[(beats >= 0) & (beats < len(speed))]:
+            ax.axvline(b / fps, color="0.5", linestyle="--", linewidth=0.8)
+        on = np.array([np.abs(beats - m).min() <= tol if beats.size else False for m in mb], bool)
+        ax.plot(mb[on] / fps, speed[mb[on]], "o", color=f"C{i}",
+                label="motion beat on a music beat")
+        ax.plot(mb[~on] / fps, speed[mb[~on]], "o", mfc="none", color=f"C{i}",
+                label="motion beat off the music")
+        ax.set_title(f"{name}: beat F1 {scores['beat_f1']:.2f}, BAS {scores['bas']:.2f}",
+                     fontsize=9)
+        ax.set_ylabel("speed (frame / s)", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("time (s); dashed: music beats")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out_path)
+

@@ -2,7 +2,8 @@
 # Create .venv and install the pinned stack. Idempotent: skipped when .venv matches the lock.
 #   setup.sh cpu   CPU torch (default; torch==2.13.0+cpu from the pinned lock)
 #   setup.sh gpu   CUDA torch 2.13.0 from PyPI and onnxruntime-gpu, everything else as pinned
-#   setup.sh lock  re-resolve the stack and rewrite constraints.txt
+#   setup.sh app   add the optional `app` extra (gradio) to an existing .venv of either variant
+#   setup.sh lock  re-resolve the stack (with the dev and app extras) and rewrite constraints.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 variant="${1:-cpu}"
@@ -17,11 +18,28 @@ stamp_of() { cat pyproject.toml setup.py constraints.txt scripts/setup.sh | sha2
 if [ "$variant" = "lock" ]; then
   tmp=$(mktemp -d)
   "$PY" -m venv "$tmp/v"
-  "$tmp/v/bin/pip" install -q torch==2.13.0 "protobuf==4.25.9" "onnx==1.17.0" "tensorboard==2.18.0" -e ".[dev]" rust-just
-  { echo "# Lock for the CPU stack (pip -c). Regenerate with: just lock"
+  "$tmp/v/bin/pip" install -q torch==2.13.0 "protobuf==4.25.9" "onnx==1.17.0" "tensorboard==2.18.0" -e ".[dev,app]" rust-just
+  { echo "# Lock for the CPU stack and the optional extras dev and app (pip -c). Regenerate with: just lock"
     echo "# mediapipe 0.10.14 needs protobuf 4; onnx 1.17 and tensorboard 2.18 are the releases that import under it."
+    echo "# pillow 12: gradio 6.31 (the app extra) asks for pillow<13."
     "$tmp/v/bin/pip" freeze --exclude-editable | grep -v -E '^(insightface|rtmlib|mediapipe)=='; } > constraints.txt
   rm -rf "$tmp"; echo "constraints.txt rewritten"; exit 0
+fi
+
+if [ "$variant" = "app" ]; then
+  # The extra on top of the core set-up (run first); torch and onnxruntime stay as installed,
+  # so this works over the cpu and the gpu variant alike.
+  stamp="$VENV/.dwm-app-$(stamp_of)"
+  if [ -f "$stamp" ]; then exit 0; fi
+  [ -x "$VENV/bin/python" ] || { echo "setup.sh app: no $VENV yet (run setup.sh cpu or gpu first)"; exit 1; }
+  start=$(date +%s)
+  grep -v -E '^(torch|onnxruntime)==' constraints.txt > "$VENV/constraints-app.txt"
+  "$VENV/bin/pip" install -q -c "$VENV/constraints-app.txt" -e ".[app]"
+  GRADIO_ANALYTICS_ENABLED=False "$VENV/bin/python" -c "import gradio, dwm.generate.app; print(f'dwm app set-up ok: gradio {gradio.__version__}')"
+  rm -f "$VENV"/.dwm-app-*
+  touch "$stamp"
+  echo "app set-up took $(( $(date +%s) - start )) s; .venv is $(du -sh "$VENV" | cut -f1)"
+  exit 0
 fi
 
 stamp="$VENV/.dwm-setup-$variant-$(stamp_of)"
@@ -48,6 +66,6 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 import dwm.shared.cli  # noqa: F401
 print(f"dwm set-up ok: torch {torch.__version__}, cuda={torch.cuda.is_available()}")
 PY
-rm -f "$VENV"/.dwm-setup-*
+rm -f "$VENV"/.dwm-setup-* "$VENV"/.dwm-app-*  # a new core install: the extra is checked again
 touch "$stamp"
 echo "set-up took $(( $(date +%s) - start )) s; .venv is $(du -sh "$VENV" | cut -f1)"

@@ -7,6 +7,7 @@
     dwm bench [quick=true] [key=value ...]
     dwm models [profile=full]
     dwm demo [videos=DIR]
+    dwm app [ckpt=...] [port=7860] [host=127.0.0.1]
 
 Every subcommand takes ``key=value`` overrides of its typed config; ``--help`` lists them all
 with their defaults. A bad key or value fails with one line naming it.
@@ -53,6 +54,8 @@ COMMANDS: dict[str, Command] = {
                       _plain(C.ModelsConfig), "dwm.shared.weights:download_main"),
     "demo": Command("the whole chain on a small generated default", C.DemoConfig,
                     _plain(C.DemoConfig), "dwm.generate.demo:main"),
+    "app": Command("a local web page: drop a photo and a song, watch the dance", C.AppConfig,
+                   _plain(C.AppConfig), "dwm.generate.app:main"),
 }
 
 

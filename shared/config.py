@@ -255,6 +255,31 @@ class GenerateConfig:
 
 
 @dataclass
+class AppConfig:
+    """``dwm app``: the local web page over the generation pipeline."""
+
+    ckpt: str = "champ_2stage_output/final"
+    host: str = "127.0.0.1"  # listen address: only this machine unless set (0.0.0.0: the network)
+    port: int = 7860  # first port tried (the next free one is taken when it is busy)
+    device: str = "cpu"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    pose_backend: Literal["", "dwpose", "mediapipe"] = ""
+    # the page's starting values (each can be changed on the page)
+    seed: int = 42
+    max_seconds: float = 10.0  # the length slider starts here
+    longest_seconds: float = 60.0  # the length slider's end
+    pose_steps: int = 25  # pose-model denoising steps (used once the pose model takes steps)
+    # fixed for the session: generation settings as `dwm generate` names them
+    steps: int = 25
+    fps: float = 24.0
+    resolution: str = "512x896"  # WxH
+    window: int = 24
+    overlap: int = 6
+    max_upload_mb: int = 200  # larger uploads are refused by the server
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+
+
+@dataclass
 class EvalConfig:
     ckpt: str = "champ_2stage_output/final"
     data: str = "data/manifest.json"
@@ -265,7 +290,8 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 0
     audio_window: int = 0  # M2PEncoder window in frames (0: the training run's audio_window)
-    diversity_frames: int = 48  # pose diversity is measured over sub-clips of this many frames
+    diversity_frames: int = 48  # FID_k and Div_k are measured over sub-clips of this many frames
+    seeds: int = 4  # samples per clip with different seeds, for the seed diversity (< 2: skip)
     video_samples: int = 2  # clips the video model renders (stages B/C metrics); 0: skip them
     video_frames: int = 16  # frames per rendered clip
     guidance_scale: float = 2.5  # as GenerateConfig

@@ -15,7 +15,7 @@ import torch
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import BenchConfig, PreprocessConfig, build_preprocess_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]  # bench/common.py -> the repository root
 
 
 def samples_dir() -> Path:

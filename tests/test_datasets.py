@@ -420,6 +420,11 @@ def test_chunked_member_decodes_only_the_window(tmp_path):
     assert np.array_equal(lazy[9:23], heat[9:23]) and np.array_equal(lazy[16], heat[16])
     with pytest.raises(ManifestError, match="pose_heatmap.npy.zst: chunk 0 unreadable"):
         lazy[5:12]
+    # whole chunks of a window are decompressed in place, with the same checks
+    fresh = decode_features(raw, ("pose_heatmap",))["pose_heatmap"]
+    assert np.array_equal(fresh[8:24], heat[8:24]) and np.array_equal(fresh[10:24], heat[10:24])
+    with pytest.raises(ManifestError, match="pose_heatmap.npy.zst: chunk 0 unreadable"):
+        fresh[0:16]
 
 
 def test_old_shards_and_unknown_encodings_are_refused_in_one_line(tmp_path, synth):

@@ -55,6 +55,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from dwm.shared import progress as P
+
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
@@ -594,10 +596,8 @@ def memory_table(cases: tuple[dict[str, Any], ...] = DEFAULT_CASES, width: int =
                  height: int = 896, batch: int = 1, dtype: str = "bf16",
                  model_size: str = "full", progress: bool = True) -> str:
     """Markdown table of :func:`estimate_stage_step_memory` over ``cases``, with a legend."""
-    from tqdm.auto import tqdm
-
     rows = [TABLE_HEAD]
-    for case in tqdm(cases, desc="memory estimate", disable=not progress):
+    for case in P.progress(cases, desc="memory estimate", unit="case", disable=not progress):
         rows.append(table_row(estimate_stage_step_memory(
             width=width, height=height, batch=batch, dtype=dtype, model_size=model_size,
             **case)))

@@ -45,11 +45,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dwm.shared import config as C
 from dwm.shared import contract
 from dwm.shared.errors import UserFacingError
+from dwm.shared.progress import progress
 
 from dwm.generate import pipeline as G
 from dwm.training import metrics
@@ -176,7 +176,7 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
     bas_model, bas_gt, bas_rand, bas_base = [], [], [], []
     face_pred, face_true = [], []
     size = clips[0].size  # one preprocessing resolution per manifest
-    for i, clip in enumerate(tqdm(clips, desc="stage A metrics", unit="clip",
+    for i, clip in enumerate(progress(clips, desc="stage A metrics", unit="clip",
                                   disable=not show_progress, leave=False)):
         f = clip.feats
         gt = f["pose_body"].astype(np.float32)
@@ -294,7 +294,7 @@ def evaluate_video(model: Any, clips: list[Clip], settings: G.SamplingSettings, 
     pose_ext = PoseExtractor(pcfg, device)
     face_ext = FaceExtractor(pcfg, device)
     rows: dict[str, list[float]] = {k: [] for k in VIDEO_KEYS}
-    for i, clip in enumerate(tqdm(clips, desc="video metrics", unit="clip",
+    for i, clip in enumerate(progress(clips, desc="video metrics", unit="clip",
                                   disable=not show_progress, leave=False)):
         f, meta = clip.feats, clip.meta
         sf = float(meta.get("latent_scaling_factor") or 1.0)

@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from dwm.shared import progress as P
 from dwm.shared import storage
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
@@ -201,14 +202,10 @@ def main(cfg: PreprocessConfig) -> int:
     report_path = storage.join(out, REPORT_NAME if world <= 1 else f"report-r{rank:04d}.json")
     report = Report(cfg, report_path, rank, world)
     report.meta["removed_temporaries"] = removed
-    progress = os.environ.get("DWM_PROGRESS", "1") != "0"  # DWM_PROGRESS=0 silences the bars
 
     files = discover(cfg.input_dir, exclude=[out, croot])
-    from tqdm import tqdm
-
     by_hash: dict[str, list[str]] = {}
-    for i, p in enumerate(tqdm(files, desc="hashing", unit="file", disable=not progress,
-                               leave=False)):
+    for i, p in enumerate(P.progress(files, desc="hashing", unit="file", leave=False)):
         rel = os.path.relpath(p, cfg.input_dir)
         mine = i % world == rank  # a file without a hash is reported by one rank only
         if os.path.getsize(p) == 0:
@@ -236,14 +233,14 @@ def main(cfg: PreprocessConfig) -> int:
                         "reason": f"{dup}: same content as {first} (computed once)",
                         "duplicate_of": os.path.relpath(first, cfg.input_dir)})
 
-    bar = tqdm(total=len(tasks), desc="preprocess", unit="video", disable=not progress)
+    bar = P.progress(total=len(tasks), desc="preprocess", unit="video")
     frames_done = 0
 
     def on_row(row: dict) -> None:
         nonlocal frames_done
         report.add(row)
         if row["status"] != "ok":
-            tqdm.write(f"{row['status']}: {row['reason']}", file=sys.stderr)
+            P.write(f"{row['status']}: {row['reason']}", file=sys.stderr)
         if row["status"] == "ok":
             frames_done += row.get("frames") or 0
         el = max(1e-9, time.perf_counter() - report.t0)
@@ -270,7 +267,7 @@ def main(cfg: PreprocessConfig) -> int:
     # one rank: the split is decided over the usable videos (exactly one val and one train
     # guaranteed); several ranks: over every hashed file, which every rank sees, so the split
     # does not depend on how videos were sliced between ranks
-    manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world, progress=progress,
+    manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world,
                              split_candidates=sorted(by_hash) if world > 1 else None)
     frames = sum(r.get("frames") or 0 for r in rows if r["status"] == "ok")
     size = cache.size_bytes()

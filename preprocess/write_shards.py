@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dwm.shared import progress as P
 from dwm.shared import storage
 from dwm.shared.config import PreprocessConfig, config_hash, to_dict
 from dwm.shared.contract import (AUDIO_BASELINE_DIM, FEATURE_BY_NAME, LATENT_CHANNELS,
@@ -357,9 +358,7 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False)
+    return P.progress(total=total, desc=desc, unit="sample", disable=not enabled, leave=False)
 
 
 __all__ = ["write_dataset", "merge_manifests", "split_of", "content_config", "MANIFEST_NAME"]

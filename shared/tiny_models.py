@@ -37,7 +37,7 @@ TINY_CLIP = dict(
     projection_dim=32,
 )
 
-# UNetSpatioTemporalConditionModel (ENVIRONMENT.md: channels must be multiples of 32).
+# UNetSpatioTemporalConditionModel hard-codes 32 norm groups: its channels must be multiples of 32.
 TINY_UNET = dict(
     sample_size=None,
     in_channels=8,  # noisy latents + conditioning-frame latents, as SVD

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dwm.datasets import TrainLoader, batch_size_of, batch_to_device, eval_batches, make_view
 from dwm.shared.errors import UserFacingError
+from dwm.shared.progress import progress
 from dwm.shared.config import TrainConfig, config_hash, to_dict
 from dwm.shared.shards import load_manifest
 
@@ -333,8 +333,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
     end = total if max_steps is None else min(total, step + max_steps)
     data_iter = iter(loader)
     model.train()
-    bar = tqdm(total=end, initial=step, desc=f"stage {stage.name}", disable=not acc.is_main_process,
-               dynamic_ncols=True)
+    bar = progress(total=end, initial=step, desc=f"stage {stage.name}", unit="step",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
     while step < end:
         st = StepStats(steps=1)
         clock = _Clock(st, acc.device.type == "cuda")

@@ -49,7 +49,7 @@ def _short(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(PROJECT_ROOT))
     except (OSError, ValueError):  # outside the project (the standard library, "<string>")
-        return os.path.basename(path) if os.path.isabs(path) else path
+        return "/".join(Path(path).parts[-2:]) if os.path.isabs(path) else path
 
 
 def profile_top(fn: Callable[[], Any], n: int = 14, sort: str = "tottime") -> list[str]:

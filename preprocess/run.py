@@ -20,10 +20,11 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dwm.shared import progress as P
-from dwm.shared import storage
+from dwm.shared import registry, storage
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
 
+from . import extractors as X
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
 
 REPORT_NAME = "report.json"
@@ -38,17 +39,30 @@ def resolve_rank(cfg: PreprocessConfig) -> tuple[int, int]:
     world = cfg.world_size
     rank = cfg.rank
     if world < 1:
-        world = int(env.get("WORLD_SIZE") or env.get("SLURM_ARRAY_TASK_COUNT") or 1)
+        world = _env_int("WORLD_SIZE", "SLURM_ARRAY_TASK_COUNT", default=1)
     if rank < 0:
         if "RANK" in env:
-            rank = int(env["RANK"])
+            rank = _env_int("RANK")
         elif "SLURM_ARRAY_TASK_ID" in env:
-            rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            rank = _env_int("SLURM_ARRAY_TASK_ID") - _env_int("SLURM_ARRAY_TASK_MIN", default=0)
         else:
             rank = 0
     if not 0 <= rank < world:
         raise UserFacingError(f"rank {rank} is outside world_size {world}")
     return rank, world
+
+
+def _env_int(*names: str, default: int = 0) -> int:
+    """The first of the environment variables ``names`` that is set, as an int."""
+    for name in names:
+        raw = os.environ.get(name)
+        if raw:
+            try:
+                return int(raw)
+            except ValueError:
+                raise UserFacingError(f"environment variable {name}={raw!r}: expected an "
+                                      "integer") from None
+    return default
 
 
 def required_components(cfg: PreprocessConfig) -> list[str]:
@@ -184,26 +198,27 @@ def main(cfg: PreprocessConfig) -> int:
         path = merge_manifests(cfg)
         print(f"merged manifest: {path}")
         return 0
+    # bad input fails here, in one line, before anything is written
     rank, world = resolve_rank(cfg)
+    X.check_names(cfg)
+    if not os.path.isdir(cfg.input_dir):
+        raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
     out = cfg.out
-    storage.makedirs(out)
     croot = cache_root(cfg)
+    files = discover(cfg.input_dir, exclude=[out, croot])
+    if not files:
+        raise UserFacingError(f"input folder {cfg.input_dir} holds no files (give the folder "
+                              "of dance videos)")
+    registry.ensure_available(cfg.models, required_components(cfg))  # weights, before any work
+
+    storage.makedirs(out)
     removed = storage.remove_temporaries(out)
     if not os.path.abspath(croot).startswith(os.path.abspath(out) + os.sep):
         removed += storage.remove_temporaries(croot)
-    if not os.path.isdir(cfg.input_dir):
-        raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
-
-    # weights first: a missing file fails here, in one line, before any work
-    from dwm.shared import registry
-
-    registry.ensure_available(cfg.models, required_components(cfg))
-
     report_path = storage.join(out, REPORT_NAME if world <= 1 else f"report-r{rank:04d}.json")
     report = Report(cfg, report_path, rank, world)
     report.meta["removed_temporaries"] = removed
 
-    files = discover(cfg.input_dir, exclude=[out, croot])
     by_hash: dict[str, list[str]] = {}
     for i, p in enumerate(P.progress(files, desc="hashing", unit="file", leave=False)):
         rel = os.path.relpath(p, cfg.input_dir)

@@ -190,15 +190,26 @@ def load_manifest(path: str) -> dict[str, Any]:
         manifest = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found (run `just preprocess` first)") from None
-    except json.JSONDecodeError as e:
+    except (IsADirectoryError, NotADirectoryError):
+        raise ManifestError(f"{path}: not a file (give the manifest.json that `just preprocess` "
+                            "wrote)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an "
+                            "object)")
     if manifest.get("format_version") != SHARD_FORMAT_VERSION:
         raise ManifestError(
             f"{path}: shard format {manifest.get('format_version')} but this code reads "
             f"{SHARD_FORMAT_VERSION}; re-run preprocessing"
         )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
+        raise ManifestError(f"{path}: 'shards' must be a list of shards with names; re-run "
+                            "preprocessing")
     base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
-    for s in manifest["shards"]:
+    for s in shards:
         s["url"] = ShardURL(storage.join(base, s["name"]), s.get("sha256"))
     return manifest
 

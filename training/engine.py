@@ -214,7 +214,24 @@ class StageResult:
 def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = None,
               max_steps: int | None = None, save_final: bool = True) -> StageResult:
     """Train ``stage``. ``max_steps``: stop after this many steps of this run (tests; the
-    schedule still follows the stage's total). Returns a :class:`StageResult`."""
+    schedule still follows the stage's total). Returns a :class:`StageResult`.
+
+    A run that fails on bad input before its first step (a corrupt shard, a sample the view
+    cannot read) removes the folders it created: nothing is left half-made."""
+    made = [d for d in (Path(cfg.output_dir), stage_dir_of(cfg, stage.name)) if not d.exists()]
+    steps_run = [0]
+    try:
+        return _run_stage(stage, cfg, init_path, max_steps, save_final, steps_run)
+    except UserFacingError:
+        if steps_run[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None, max_steps: int | None,
+               save_final: bool, steps_run: list[int]) -> StageResult:
+    """The body of :func:`run_stage`; ``steps_run[0]`` counts the steps this run has done."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
@@ -227,13 +244,17 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=stage.find_unused_parameters)],
     )
+    if acc.distributed_type == DistributedType.FSDP and cfg.validation_steps > 0:
+        raise TrainingError("validation_steps>0 is not supported under FSDP yet (validation runs "
+                            "the model on rank 0 alone); set validation_steps=0 and evaluate the "
+                            "checkpoints, or train with DDP")
+    manifest = load_manifest(cfg.data)  # a missing or bad manifest fails before anything is made
     sdir = stage_dir_of(cfg, stage.name)
     if acc.is_main_process:
         sdir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(sdir)
     set_seed(cfg.seed)
 
-    manifest = load_manifest(cfg.data)
     model = stage.build_model(cfg, str(init_path) if init_path else None)
     groups = model.set_training_stage(stage.name, cfg)
     if cfg.gradient_checkpointing:
@@ -246,10 +267,6 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
     if sharded_root is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         log.warning("the launcher asked for FSDP but accelerate runs %s (accelerate does FSDP "
                     "on GPUs only): the model is NOT sharded", acc.distributed_type)
-    if sharded_root is not None and cfg.validation_steps > 0:
-        raise TrainingError("validation_steps>0 is not supported under FSDP yet (validation runs "
-                            "the model on rank 0 alone); set validation_steps=0 and evaluate the "
-                            "checkpoints, or train with DDP")
     counts = freeze.count_by_group(model)
     n_train = sum(r["trainable"] for r in counts.values())
     per_group = ", ".join(f"{k} {v['trainable'] / 1e6:.2f} M" for k, v in counts.items())
@@ -380,6 +397,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
         stats.add(st)
         window.add(st)
         step += 1
+        steps_run[0] += 1
         bar.update(1)
         if finite:
             nonfinite = 0

@@ -29,18 +29,10 @@ from collections.abc import Callable
 
 from dwm.shared.config import BenchConfig, to_dict
 
+from .common import TITLES
 from .report import Figure, Goal, Reference, Report, Section, check_report
 
 log = logging.getLogger(__name__)
-
-TITLES = {
-    "1": "decode limit",
-    "2": "preprocess",
-    "3": "cache reuse",
-    "4": "loader",
-    "5": "train step",
-    "6": "storage",
-}
 
 
 def _run(sec: Section, fn: Callable[[], None]) -> None:

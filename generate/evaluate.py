@@ -434,15 +434,18 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
 # ---------------------------------------------------------------------------------------------
 def main(cfg: C.EvalConfig) -> int:
     from dwm.shared import registry, storage
-    from dwm.shared.shards import ManifestError, load_manifest
+    from dwm.shared.shards import ManifestError, check_shards_present, load_manifest
     from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
     from dwm.training.stages.stage_a import train_statistics
 
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "model_index.json").is_file():
         raise UserFacingError(f"ckpt={cfg.ckpt}: not a trained model folder (no model_index.json)")
+    if cfg.max_samples < 1:
+        raise C.ConfigError(f"max_samples={cfg.max_samples}: must be >= 1")
     try:
         manifest = load_manifest(cfg.data)
+        check_shards_present(manifest)
     except ManifestError as e:
         raise UserFacingError(str(e)) from None
     device = cfg.device
@@ -469,7 +472,6 @@ def main(cfg: C.EvalConfig) -> int:
         split = "train"
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     clips = load_clips(manifest, split, cfg.max_samples, STAGE_A_FEATURES, need_audio=True)
     base_pose, base_face = train_statistics(manifest)
     stage_a = evaluate_stage_a(model.m2p, clips, stats, audio_window, base_pose, base_face,
@@ -491,6 +493,7 @@ def main(cfg: C.EvalConfig) -> int:
         video = evaluate_video(model, vclips, settings, vae, pcfg, cfg.video_frames, cfg.seed,
                                device, show)
 
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves nothing
     plots = make_plots(out, ckpt, stage_a)
     stage_a_json = {k: v for k, v in stage_a.items() if not k.startswith("_")}
     stage_a_json["per_joint_pck@0.1"] = {

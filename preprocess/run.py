@@ -22,7 +22,8 @@ from typing import Any
 from dwm.shared import progress as P
 from dwm.shared import registry, storage
 from dwm.shared.errors import UserFacingError
-from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
+from dwm.shared.config import ConfigError, PreprocessConfig, apply_overrides, flatten, to_dict
+from dwm.shared.contract import LATENT_DOWNSAMPLE
 
 from . import extractors as X
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
@@ -63,6 +64,25 @@ def _env_int(*names: str, default: int = 0) -> int:
                 raise UserFacingError(f"environment variable {name}={raw!r}: expected an "
                                       "integer") from None
     return default
+
+
+def check_config(cfg: PreprocessConfig) -> None:
+    """Values no video can be processed with fail here, naming the key."""
+    d = cfg.decode
+    if not d.fps > 0:
+        raise ConfigError(f"decode.fps={d.fps}: must be > 0")
+    if d.segment_frames < 1 or d.min_frames < 1:
+        raise ConfigError(f"decode.segment_frames={d.segment_frames}, decode.min_frames="
+                          f"{d.min_frames}: both must be >= 1")
+    if d.min_frames > d.segment_frames:
+        raise ConfigError(f"decode.min_frames={d.min_frames} is more than decode.segment_frames="
+                          f"{d.segment_frames}: no segment could be kept")
+    step = max(LATENT_DOWNSAMPLE, cfg.pose.heatmap_downsample)
+    for key in ("width", "height"):
+        v = getattr(d, key)
+        if v <= 0 or v % step:
+            # latents and heatmaps are at image / 8: a side that does not divide is cut off
+            raise ConfigError(f"decode.{key}={v}: must be a positive multiple of {step}")
 
 
 def required_components(cfg: PreprocessConfig) -> list[str]:
@@ -200,11 +220,15 @@ def main(cfg: PreprocessConfig) -> int:
         return 0
     # bad input fails here, in one line, before anything is written
     rank, world = resolve_rank(cfg)
+    check_config(cfg)
     X.check_names(cfg)
     if not os.path.isdir(cfg.input_dir):
         raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
     out = cfg.out
     croot = cache_root(cfg)
+    for key, path in (("out", out), ("cache_dir", croot)):
+        if not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
+            raise UserFacingError(f"{key}={path}: exists and is not a folder")
     files = discover(cfg.input_dir, exclude=[out, croot])
     if not files:
         raise UserFacingError(f"input folder {cfg.input_dir} holds no files (give the folder "
@@ -259,8 +283,8 @@ def main(cfg: PreprocessConfig) -> int:
         if row["status"] == "ok":
             frames_done += row.get("frames") or 0
         el = max(1e-9, time.perf_counter() - report.t0)
+        bar.set_postfix(videos_s=f"{(bar.n + 1) / el:.2f}", frames_s=f"{frames_done / el:.1f}")
         bar.update(1)
-        bar.set_postfix(videos_s=f"{bar.n / el:.2f}", frames_s=f"{frames_done / el:.1f}")
         report.write(force=False)
 
     if cfg.workers <= 1 or len(tasks) <= 1:

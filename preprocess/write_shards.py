@@ -16,6 +16,7 @@ import numpy as np
 from dwm.shared import progress as P
 from dwm.shared import storage
 from dwm.shared.config import PreprocessConfig, config_hash, to_dict
+from dwm.shared.errors import UserFacingError
 from dwm.shared.contract import (AUDIO_BASELINE_DIM, FEATURE_BY_NAME, LATENT_CHANNELS,
                                  SAMPLE_META_KEYS)
 from dwm.shared.shards import MANIFEST_NAME, ShardInfo, ShardWriter, write_manifest
@@ -324,12 +325,11 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
     raw sums."""
     out = cfg.out
     fs, root = storage.fs_and_path(out)  # a local folder or an fsspec URL
-    parts = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-                   if n.startswith("manifest-r") and n.endswith(".json"))
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] \
+        if fs.isdir(root) else []
+    parts = sorted(n for n in names if n.startswith("manifest-r") and n.endswith(".json"))
     if not parts:
-        from dwm.shared.errors import UserFacingError
-
-        raise UserFacingError(f"{out}: no manifest-r*.json to merge (run each rank first)")
+        raise UserFacingError(f"out={out}: no manifest-r*.json to merge (run each rank first)")
     shards, features, counts, splits = [], {}, {}, {}
     moments: dict[str, _Moments] = {}
     config = None

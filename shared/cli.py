@@ -113,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        # the machine, not the program: disk full, quota, read-only or forbidden path. Files
-        # are written atomically, so what was written before is intact; a re-run continues.
+        # the machine, not the program: disk full, quota, read-only or forbidden path, or a
+        # path that is a file where a folder must be (or the reverse). Files are written
+        # atomically, so what was written before is intact; a re-run continues.
         print(f"dwm {name}: error: {e}", file=sys.stderr)
         return 2
     return int(result or 0) if isinstance(result, int) else 0
 
 
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EEXIST,
+                       errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 if __name__ == "__main__":

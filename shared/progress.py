@@ -86,6 +86,7 @@ class PlainProgress:
         self.start = self.last_line = clock()
         self.postfix = ""
         self.lines = 0  # lines printed so far
+        self.printed: tuple[int, str] | None = None  # (n, postfix) of the last line
         self.closed = False
 
     def __iter__(self) -> Iterator:
@@ -128,7 +129,9 @@ class PlainProgress:
         if self.closed:
             return
         self.closed = True
-        if not self.disable and (self.leave or self.lines):
+        if self.disable or (self.n, self.postfix) == self.printed:
+            return  # nothing new since the last line
+        if self.leave or self.lines:
             self._print(self.clock())
 
     def line(self, now: float) -> str:
@@ -151,3 +154,4 @@ class PlainProgress:
         print(self.line(now), file=stream, flush=True)
         self.last_line = now
         self.lines += 1
+        self.printed = (self.n, self.postfix)

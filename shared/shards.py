@@ -214,6 +214,14 @@ def load_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
+def check_shards_present(manifest: dict[str, Any], splits: tuple[str, ...] | None = None) -> None:
+    """Every shard a manifest lists (of ``splits``, default all) exists: a missing one fails
+    before a run starts rather than at its first batch. Contents are checked when read."""
+    for s in manifest["shards"]:
+        if (splits is None or s.get("split") in splits) and not storage.exists(s["url"]):
+            raise ManifestError(f"{s['url']}: shard listed in the manifest is missing")
+
+
 class ShardURL(str):
     """A shard's URL that remembers the manifest's sha256, so every reader that gets the URL
     from a manifest (directly or through ``split_urls``) checks the bytes: :class:`ShardFile`."""

@@ -398,11 +398,12 @@ def _run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None, max
         window.add(st)
         step += 1
         steps_run[0] += 1
+        if finite:
+            bar.set_postfix(loss=f"{step_loss:.4f}")
         bar.update(1)
         if finite:
             nonfinite = 0
             losses.append((step, step_loss))
-            bar.set_postfix(loss=f"{step_loss:.4f}")
         else:
             nonfinite += 1
             skipped += 1

@@ -21,7 +21,7 @@ from dwm.datasets import make_view
 from dwm.shared.config import TrainConfig, build_train_config
 from dwm.shared.contract import FEATURE_BY_NAME
 from dwm.shared.errors import ConfigError, UserFacingError
-from dwm.shared.shards import load_manifest
+from dwm.shared.shards import check_shards_present, load_manifest
 
 from .engine import StageResult, run_stage, stage_dir_of
 from .models.m2p import M2PEncoder
@@ -36,6 +36,7 @@ def check_run(cfg: TrainConfig) -> dict[str, Any]:
     anything is written: the manifest, the features each stage reads, the profile the data was
     preprocessed with, ``init=`` and ``resume=``. Returns the manifest."""
     manifest = load_manifest(cfg.data)
+    check_shards_present(manifest)
     stages = ORDER if cfg.training_stage == "all" else (cfg.training_stage,)
     have = set(manifest.get("features") or {})
     for name in stages:

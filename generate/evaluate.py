@@ -435,12 +435,12 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
 def main(cfg: C.EvalConfig) -> int:
     from dwm.shared import registry, storage
     from dwm.shared.shards import ManifestError, check_shards_present, load_manifest
+    from dwm.training.checkpoint import check_model_folder
     from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
     from dwm.training.stages.stage_a import train_statistics
 
     ckpt = Path(cfg.ckpt)
-    if not (ckpt / "model_index.json").is_file():
-        raise UserFacingError(f"ckpt={cfg.ckpt}: not a trained model folder (no model_index.json)")
+    check_model_folder(ckpt)
     if cfg.max_samples < 1:
         raise C.ConfigError(f"max_samples={cfg.max_samples}: must be >= 1")
     try:

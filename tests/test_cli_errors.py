@@ -29,7 +29,8 @@ def tree(root: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """A folder of bad inputs: an empty folder, a text file posing as a song, a manifest of
-    data without latents, a manifest of tiny-profile data, a checkpoint folder stub."""
+    data without latents, one of tiny-profile data, one naming a missing shard, a checkpoint
+    folder stub and a damaged one."""
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "empty").mkdir()
     (root / "notes.mp3").write_text("not a song\n" * 20)
@@ -44,6 +45,8 @@ def inputs(tmp_path_factory) -> Path:
         {**m, "shards": [{**s, "name": "gone-" + s["name"]} for s in m["shards"]]}))
     (root / "ckpt").mkdir()
     (root / "ckpt" / "model_index.json").write_text("{}")
+    (root / "damaged").mkdir()
+    (root / "damaged" / "model_index.json").write_text('{"m2p": ["dwm.training')  # cut short
     return root
 
 
@@ -134,6 +137,9 @@ CASES = [
      ["resolution", "100x100"]),
     # eval
     (["eval", "ckpt=empty"], ["ckpt=empty"]),
+    (["eval", "ckpt=damaged", "data=synth/manifest.json"], ["model_index.json", "damaged"]),
+    (["train", "profile=tiny", "data=synth/manifest.json", "init=damaged"],
+     ["model_index.json", "damaged"]),
     (["eval", "ckpt=ckpt", "data=synth/manifest.json", "max_samples=0"], ["max_samples=0"]),
     (["eval", "ckpt=ckpt", "data=synth/missing_shard.json"], ["gone-", "missing"]),
     # bench

@@ -23,6 +23,7 @@ from dwm.shared.contract import FEATURE_BY_NAME
 from dwm.shared.errors import ConfigError, UserFacingError
 from dwm.shared.shards import check_shards_present, load_manifest
 
+from .checkpoint import check_model_folder
 from .engine import StageResult, run_stage, stage_dir_of
 from .models.m2p import M2PEncoder
 from .stages import get_stage
@@ -58,10 +59,9 @@ def check_run(cfg: TrainConfig) -> dict[str, Any]:
             f"data={cfg.data} was preprocessed with profile={recorded}, but stage "
             f"{video_stages[0]} would train on models.profile={cfg.models.profile}: set "
             f"profile={recorded}, or re-run `just preprocess` with profile={cfg.models.profile}")
-    if cfg.init and not (Path(cfg.init) / "model_index.json").is_file():
-        raise UserFacingError(f"init={cfg.init}: not a trained model folder (no "
-                              "model_index.json); give a stage's final/ folder")
-    if not cfg.init:
+    if cfg.init:
+        check_model_folder(cfg.init, "init")
+    else:
         check_m2p_fits(cfg, manifest)
     if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
         raise UserFacingError(f"resume={cfg.resume}: no such checkpoint folder (or use "

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dwm.shared.config import BenchConfig, to_dict
 
 from . import gpu
-from .common import Bench, set_threads
+from .common import TITLES, Bench, set_threads
 from .data import section_decode, section_preprocess, section_storage
 from .loader import section_loader
 from .memory import estimate_step, memory_table
@@ -41,15 +41,6 @@ from .report import Figure, Goal, Reference, Report, Section, check_report
 from .trainstep import section_train
 
 log = logging.getLogger(__name__)
-
-TITLES = {
-    "1": "decode limit",
-    "2": "preprocess",
-    "3": "cache reuse",
-    "4": "loader",
-    "5": "train step",
-    "6": "storage",
-}
 
 
 def _run(sec: Section, fn: Callable[[], None]) -> None:

@@ -12,10 +12,19 @@ from typing import Any
 import cv2
 import torch
 
-from dwm.shared.errors import UserFacingError
+from dwm.shared import media
 from dwm.shared.config import BenchConfig, PreprocessConfig, build_preprocess_config
+from dwm.shared.errors import ConfigError, UserFacingError
 
-REPO = Path(__file__).resolve().parents[1]  # bench/common.py -> the repository root
+REPO = Path(__file__).resolve().parents[1]  # the checkout holding bench/
+TITLES = {  # the sections of the report, in order (bench/__init__.py runs them)
+    "1": "decode limit",
+    "2": "preprocess",
+    "3": "cache reuse",
+    "4": "loader",
+    "5": "train step",
+    "6": "storage",
+}
 
 
 def samples_dir() -> Path:
@@ -51,10 +60,19 @@ class Bench:
         if not video.is_file():
             raise UserFacingError(f"bench video {video} not found: give video=PATH (default: "
                                   f"the sample ../shared/samples/dance_music.mp4)")
+        if not media.probe(video)["has_video"]:
+            raise UserFacingError(f"video={video}: has no video stream (give a dance video)")
         if not (taesd / "config.json").is_file():
             raise UserFacingError(f"TAESD folder {taesd} not found (needs config.json + "
                                   f"diffusion_pytorch_model.safetensors of madebyollin/taesd): "
                                   f"give taesd=PATH")
+        unknown = sorted({str(s) for s in cfg.sections} - set(TITLES))
+        if unknown:
+            raise ConfigError(f"sections: unknown section(s) {unknown} (one of "
+                              f"{', '.join(TITLES)})")
+        for key in ("repeats", "threads"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"{key}={getattr(cfg, key)}: must be >= 1")
         out = Path(cfg.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
         repeats = max(1, min(cfg.repeats, 1) if cfg.quick else cfg.repeats)

@@ -85,7 +85,7 @@ def work_done(report: dict[str, Any]) -> dict[str, int]:
 
 
 def _maybe_profile(bench: Bench, sec: Section, fig: Figure, fn: Callable[[], Any]) -> None:
-    if bench.cfg.profile and fig.met is False:
+    if bench.cfg.cprofile and fig.met is False:
         sec.profiles[fig.name] = profile_top(fn)
 
 

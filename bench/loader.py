@@ -211,10 +211,10 @@ def section_loader(bench: Bench, sec: Section) -> None:
         "once per run, by whichever worker opens it first, and any of that falling in the "
         "timed batches is counted. Batches leave the workers as uint8 images, as for a GPU "
         f"step. GPU consumption: {step_source}.")
-    if bench.cfg.profile and figC.met is False:
+    if bench.cfg.cprofile and figC.met is False:
         # in-process (workers=0) so that cProfile sees the work
         sec.profiles[figC.name] = profile_top(
             lambda: loader_seconds(make_loader(shards, "C", 0, seq_len=T), batches))
-    if bench.cfg.profile and figB.met is False:
+    if bench.cfg.cprofile and figB.met is False:
         sec.profiles[figB.name] = profile_top(lambda: loader_seconds(
             make_loader(shards, "C", 0, seq_len=T), batches))

@@ -72,6 +72,8 @@ from dwm.training.stages.stage_b import weighted_total
 
 from .synthetic import N_MELS, synth_sample
 
+from dwm.shared import progress as P
+
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
@@ -590,7 +592,7 @@ def memory_table(cases: tuple[dict[str, Any], ...] = DEFAULT_CASES, width: int =
                  model_size: str = "full", progress: bool = True) -> str:
     """Markdown table of :func:`estimate_stage_step_memory` over ``cases``, with a legend."""
     rows = [TABLE_HEAD]
-    for case in tqdm(cases, desc="memory estimate", disable=not progress):
+    for case in P.progress(cases, desc="memory estimate", unit="case", disable=not progress):
         rows.append(table_row(estimate_stage_step_memory(
             width=width, height=height, batch=batch, dtype=dtype, model_size=model_size,
             **case)))

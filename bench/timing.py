@@ -38,14 +38,18 @@ def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, l
     return times
 
 
-_REPO = str(Path(__file__).resolve().parents[1]) + os.sep
+# The project's own files are named relative to the folder holding its packages (the checkout
+# for an editable install, site-packages/dwm for a wheel), wherever that lies on this machine.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", _REPO):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return os.path.basename(path) if path.startswith("/") else path
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except (OSError, ValueError):  # outside the project (the standard library, "<string>")
+        return "/".join(Path(path).parts[-2:]) if os.path.isabs(path) else path
 
 
 def profile_top(fn: Callable[[], Any], n: int = 14, sort: str = "tottime") -> list[str]:

@@ -121,7 +121,7 @@ def section_train(bench: Bench, sec: Section) -> None:
                                  Reference("whole step", mean["step"], "ms/step"),
                                  Goal("<=", 0.02) if part == "data" else None, inputs,
                                  vals[part], vals["step"]))
-            if part == "data" and fig.met is False and bench.cfg.profile:
+            if part == "data" and fig.met is False and bench.cfg.cprofile:
                 # what the main process does while the engine's data clock runs: receive a
                 # batch from the workers and batch_to_device it (the engine's data clock)
                 sec.profiles[fig.name] = profile_receive(stage_loader(cfg, stage, workers),

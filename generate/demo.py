@@ -35,7 +35,21 @@ def _song_of(videos: list[Path]) -> Path:
                 return v
         except media.MediaError:
             continue
-    raise UserFacingError("none of the videos has an audio track to dance to")
+    raise UserFacingError(f"none of the {len(videos)} videos has an audio track to dance to")
+
+
+def check_config(cfg: C.DemoConfig) -> None:
+    """Values the chain cannot run with fail here, before anything is made."""
+    for key in ("seconds", "generate_seconds"):
+        if not getattr(cfg, key) > 0:
+            raise C.ConfigError(f"{key}={getattr(cfg, key)}: must be > 0")
+    for key in ("clips", "steps"):
+        if getattr(cfg, key) < 1:
+            raise C.ConfigError(f"{key}={getattr(cfg, key)}: must be >= 1")
+    for key in ("width", "height"):
+        # latents and heatmaps at image / 8, and the tiny M2PEncoder upsamples its grid x8
+        if getattr(cfg, key) <= 0 or getattr(cfg, key) % 64:
+            raise C.ConfigError(f"{key}={getattr(cfg, key)}: must be a positive multiple of 64")
 
 
 def main(cfg: C.DemoConfig) -> int:
@@ -44,6 +58,7 @@ def main(cfg: C.DemoConfig) -> int:
     from dwm.generate import evaluate, pipeline as generate
     from dwm.training import train
 
+    check_config(cfg)
     out = Path(cfg.out).resolve()
     models_dir = str(out / "models")
     start = time.perf_counter()
@@ -57,10 +72,12 @@ def main(cfg: C.DemoConfig) -> int:
         if not clips:
             raise UserFacingError(f"videos={cfg.videos}: no video files "
                                   f"({', '.join(VIDEO_SUFFIXES)})")
+        song = _song_of(clips)  # before the long work: the dance needs music
         print(f"{len(clips)} videos in {videos}")
     else:
         videos = out / "videos"
         clips = make_demo_corpus(videos, n=cfg.clips, seconds=cfg.seconds)
+        song = clips[0]  # generated with a beat track
         print(f"generated {len(clips)} clips with beat tracks in {videos}")
     print(f"({time.perf_counter() - t:.1f} s)")
 
@@ -77,7 +94,7 @@ def main(cfg: C.DemoConfig) -> int:
 
     t = _step("train A -> B -> C (tiny)")
     ckpt_root = out / "champ_2stage_output"
-    overrides = ["model_size=tiny", f"data={data / 'manifest.json'}", f"output_dir={ckpt_root}",
+    overrides = ["profile=tiny", f"data={data / 'manifest.json'}", f"output_dir={ckpt_root}",
                  f"models.models_dir={models_dir}"]
     if cfg.quick:
         overrides += [f"{k}={v}" for k, v in QUICK_STEPS.items()]
@@ -86,7 +103,6 @@ def main(cfg: C.DemoConfig) -> int:
     print(f"({time.perf_counter() - t:.1f} s)")
 
     t = _step("generate")
-    song = _song_of(clips)
     ref = out / "reference.png"
     generate.reference_from_video(clips[-1], ref)  # another dancer than the song's, if several
     window = int(tcfg.max_sequence_length)

@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dwm.datasets import iter_tar_samples
 from dwm.datasets.pipeline import split_urls
@@ -70,8 +69,10 @@ from dwm.shared import config as C
 from dwm.shared import contract, storage, weights
 from dwm.shared import vae as vae_io
 from dwm.shared.errors import UserFacingError
-from dwm.shared.shards import ManifestError, load_manifest
+from dwm.shared.progress import progress
+from dwm.shared.shards import ManifestError, check_shards_present, load_manifest
 from dwm.training import metrics
+from dwm.training.checkpoint import check_model_folder
 from dwm.training.models.animator import load_dance_model
 from dwm.training.stages.stage_a import train_statistics
 
@@ -300,7 +301,7 @@ def evaluate_stage_a(pipe: G.DancePipeline, clips: list[Clip], baseline_pose: np
     face_true, bas_rand, beats_of = [], [], []
     face_frames = [pick_face_frame(c.feats["face_present"].astype(bool),
                                    np.random.default_rng([seed, i])) for i, c in enumerate(clips)]
-    for i, clip in enumerate(tqdm(clips, desc="stage A metrics", unit="clip",
+    for i, clip in enumerate(progress(clips, desc="stage A metrics", unit="clip",
                                   disable=not show_progress, leave=False)):
         gt = clip.feats["pose_body"].astype(np.float32)
         t = len(gt)
@@ -441,7 +442,7 @@ def evaluate_video(model: Any, clips: list[Clip], settings: G.SamplingSettings, 
     pose_ext = PoseExtractor(pcfg, device)
     face_ext = FaceExtractor(pcfg, device)
     rows: dict[str, list[float]] = {k: [] for k in VIDEO_KEYS}
-    for i, clip in enumerate(tqdm(clips, desc="video metrics", unit="clip",
+    for i, clip in enumerate(progress(clips, desc="video metrics", unit="clip",
                                   disable=not show_progress, leave=False)):
         f, meta = clip.feats, clip.meta
         sf = float(meta.get("latent_scaling_factor") or 1.0)
@@ -605,10 +606,12 @@ def make_plots(out: Path, ckpt: Path, stage_a: dict[str, Any]) -> dict[str, str]
 # ---------------------------------------------------------------------------------------------
 def main(cfg: C.EvalConfig) -> int:
     ckpt = Path(cfg.ckpt)
-    if not (ckpt / "model_index.json").is_file():
-        raise UserFacingError(f"ckpt={cfg.ckpt}: not a trained model folder (no model_index.json)")
+    check_model_folder(ckpt)
+    if cfg.max_samples < 1:
+        raise C.ConfigError(f"max_samples={cfg.max_samples}: must be >= 1")
     try:
         manifest = load_manifest(cfg.data)
+        check_shards_present(manifest)
     except ManifestError as e:
         raise UserFacingError(str(e)) from None
     device = cfg.device
@@ -636,7 +639,6 @@ def main(cfg: C.EvalConfig) -> int:
         split = "train"
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     clips = load_clips(manifest, split, cfg.max_samples, STAGE_A_FEATURES, need_audio=True)
     base_pose, base_face = train_statistics(manifest)
     stage_a = evaluate_stage_a(pipe, clips, base_pose, base_face, cfg.audio_window,
@@ -658,6 +660,7 @@ def main(cfg: C.EvalConfig) -> int:
         video = evaluate_video(model, vclips, settings, vae, pcfg, cfg.video_frames, cfg.seed,
                                device, show)
 
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves nothing
     made_plots = make_plots(out, ckpt, stage_a)
     stage_a_json = {k: v for k, v in stage_a.items() if not k.startswith("_")}
     stage_a_json["per_joint_pck@0.1"] = {

@@ -146,7 +146,8 @@ def plot_bas_histogram(
     ax.set_xlabel("BAS (Bailando definition, fps-scaled smoothing)")
     ax.set_ylabel("clips")
     ax.set_title(title + (f" ({n_nan} without beats)" if n_nan else ""))
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finite score and no reference: nothing to name
+        ax.legend(fontsize=8)
     return _save(fig, out_path)
 
 

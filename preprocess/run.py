@@ -23,12 +23,14 @@ from typing import Any
 import cv2
 import torch
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
+from dwm.shared import progress as P
 from dwm.shared import storage, weights
 from dwm.shared.errors import UserFacingError
-from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
+from dwm.shared.config import ConfigError, PreprocessConfig, apply_overrides, flatten, to_dict
+from dwm.shared.contract import LATENT_DOWNSAMPLE
 
+from . import extractors as X
 from .cache import FeatureCache
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
 from .write_shards import merge_manifests, write_dataset
@@ -45,17 +47,49 @@ def resolve_rank(cfg: PreprocessConfig) -> tuple[int, int]:
     world = cfg.world_size
     rank = cfg.rank
     if world < 1:
-        world = int(env.get("WORLD_SIZE") or env.get("SLURM_ARRAY_TASK_COUNT") or 1)
+        world = _env_int("WORLD_SIZE", "SLURM_ARRAY_TASK_COUNT", default=1)
     if rank < 0:
         if "RANK" in env:
-            rank = int(env["RANK"])
+            rank = _env_int("RANK")
         elif "SLURM_ARRAY_TASK_ID" in env:
-            rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            rank = _env_int("SLURM_ARRAY_TASK_ID") - _env_int("SLURM_ARRAY_TASK_MIN", default=0)
         else:
             rank = 0
     if not 0 <= rank < world:
         raise UserFacingError(f"rank {rank} is outside world_size {world}")
     return rank, world
+
+
+def _env_int(*names: str, default: int = 0) -> int:
+    """The first of the environment variables ``names`` that is set, as an int."""
+    for name in names:
+        raw = os.environ.get(name)
+        if raw:
+            try:
+                return int(raw)
+            except ValueError:
+                raise UserFacingError(f"environment variable {name}={raw!r}: expected an "
+                                      "integer") from None
+    return default
+
+
+def check_config(cfg: PreprocessConfig) -> None:
+    """Values no video can be processed with fail here, naming the key."""
+    d = cfg.decode
+    if not d.fps > 0:
+        raise ConfigError(f"decode.fps={d.fps}: must be > 0")
+    if d.segment_frames < 1 or d.min_frames < 1:
+        raise ConfigError(f"decode.segment_frames={d.segment_frames}, decode.min_frames="
+                          f"{d.min_frames}: both must be >= 1")
+    if d.min_frames > d.segment_frames:
+        raise ConfigError(f"decode.min_frames={d.min_frames} is more than decode.segment_frames="
+                          f"{d.segment_frames}: no segment could be kept")
+    step = max(LATENT_DOWNSAMPLE, cfg.pose.heatmap_downsample)
+    for key in ("width", "height"):
+        v = getattr(d, key)
+        if v <= 0 or v % step:
+            # latents and heatmaps are at image / 8: a side that does not divide is cut off
+            raise ConfigError(f"decode.{key}={v}: must be a positive multiple of {step}")
 
 
 def required_components(cfg: PreprocessConfig) -> list[str]:
@@ -180,28 +214,33 @@ def main(cfg: PreprocessConfig) -> int:
         path = merge_manifests(cfg)
         print(f"merged manifest: {path}")
         return 0
+    # bad input fails here, in one line, before anything is written
     rank, world = resolve_rank(cfg)
+    check_config(cfg)
+    X.check_names(cfg)
+    if not os.path.isdir(cfg.input_dir):
+        raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
     out = cfg.out
-    storage.makedirs(out)
     croot = cache_root(cfg)
+    for key, path in (("out", out), ("cache_dir", croot)):
+        if not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
+            raise UserFacingError(f"{key}={path}: exists and is not a folder")
+    files = discover(cfg.input_dir, exclude=[out, croot])
+    if not files:
+        raise UserFacingError(f"input folder {cfg.input_dir} holds no files (give the folder "
+                              "of dance videos)")
+    weights.ensure_available(cfg.models, required_components(cfg))  # weights, before any work
+
+    storage.makedirs(out)
     removed = storage.remove_temporaries(out)
     if not os.path.abspath(croot).startswith(os.path.abspath(out) + os.sep):
         removed += storage.remove_temporaries(croot)
-    if not os.path.isdir(cfg.input_dir):
-        raise UserFacingError(f"input folder {cfg.input_dir} does not exist (or is not a folder)")
-
-    # weights first: a missing file fails here, in one line, before any work
-    weights.ensure_available(cfg.models, required_components(cfg))
-
     report_path = storage.join(out, REPORT_NAME if world <= 1 else f"report-r{rank:04d}.json")
     report = Report(cfg, report_path, rank, world)
     report.meta["removed_temporaries"] = removed
-    progress = os.environ.get("DWM_PROGRESS", "1") != "0"  # DWM_PROGRESS=0 silences the bars
 
-    files = discover(cfg.input_dir, exclude=[out, croot])
     by_hash: dict[str, list[str]] = {}
-    for i, p in enumerate(tqdm(files, desc="hashing", unit="file", disable=not progress,
-                               leave=False)):
+    for i, p in enumerate(P.progress(files, desc="hashing", unit="file", leave=False)):
         rel = os.path.relpath(p, cfg.input_dir)
         mine = i % world == rank  # a file without a hash is reported by one rank only
         if os.path.getsize(p) == 0:
@@ -229,19 +268,19 @@ def main(cfg: PreprocessConfig) -> int:
                         "reason": f"{dup}: same content as {first} (computed once)",
                         "duplicate_of": os.path.relpath(first, cfg.input_dir)})
 
-    bar = tqdm(total=len(tasks), desc="preprocess", unit="video", disable=not progress)
+    bar = P.progress(total=len(tasks), desc="preprocess", unit="video")
     frames_done = 0
 
     def on_row(row: dict) -> None:
         nonlocal frames_done
         report.add(row)
         if row["status"] != "ok":
-            tqdm.write(f"{row['status']}: {row['reason']}", file=sys.stderr)
+            P.write(f"{row['status']}: {row['reason']}", file=sys.stderr)
         if row["status"] == "ok":
             frames_done += row.get("frames") or 0
         el = max(1e-9, time.perf_counter() - report.t0)
+        bar.set_postfix(videos_s=f"{(bar.n + 1) / el:.2f}", frames_s=f"{frames_done / el:.1f}")
         bar.update(1)
-        bar.set_postfix(videos_s=f"{bar.n / el:.2f}", frames_s=f"{frames_done / el:.1f}")
         report.write(force=False)
 
     if cfg.workers <= 1 or len(tasks) <= 1:
@@ -261,7 +300,7 @@ def main(cfg: PreprocessConfig) -> int:
     # one rank: the split is decided over the usable videos (exactly one val and one train
     # guaranteed); several ranks: over every hashed file, which every rank sees, so the split
     # does not depend on how videos were sliced between ranks
-    manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world, progress=progress,
+    manifest = write_dataset(cfg, rows, cache, rank=rank, world_size=world,
                              split_candidates=sorted(by_hash) if world > 1 else None)
     frames = sum(r.get("frames") or 0 for r in rows if r["status"] == "ok")
     size = cache.size_bytes()

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from dwm.shared import progress as P
 from dwm.shared import storage
 from dwm.shared.config import PreprocessConfig, config_hash, to_dict
+from dwm.shared.errors import UserFacingError
 from dwm.shared.contract import (AUDIO_BASELINE_DIM, FEATURE_BY_NAME, LATENT_CHANNELS,
                                  SAMPLE_META_KEYS, member_name)
 from dwm.shared.errors import UserFacingError
@@ -344,10 +346,11 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
     raw sums."""
     out = cfg.out
     fs, root = storage.fs_and_path(out)  # a local folder or an fsspec URL
-    parts = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-                   if n.startswith("manifest-r") and n.endswith(".json"))
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] \
+        if fs.isdir(root) else []
+    parts = sorted(n for n in names if n.startswith("manifest-r") and n.endswith(".json"))
     if not parts:
-        raise UserFacingError(f"{out}: no manifest-r*.json to merge (run each rank first)")
+        raise UserFacingError(f"out={out}: no manifest-r*.json to merge (run each rank first)")
     shards, features, counts, splits = [], {}, {}, {}
     moments: dict[str, _Moments] = {}
     config = None
@@ -376,7 +379,7 @@ def merge_manifests(cfg: PreprocessConfig) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False)
+    return P.progress(total=total, desc=desc, unit="sample", disable=not enabled, leave=False)
 
 
 __all__ = ["write_dataset", "merge_manifests", "split_of", "content_config", "MANIFEST_NAME"]

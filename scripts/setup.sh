@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 variant="${1:-cpu}"
 VENV=.venv
 PY="${PYTHON:-python3}"
-# Packages installed without their dependencies (ENVIRONMENT.md): insightface wants the non-headless
+# Packages installed without their dependencies: insightface wants the non-headless
 # opencv; mediapipe pulls jax and a second opencv; rtmlib's deps are already in the stack.
 NODEPS="insightface==2.1 rtmlib==0.0.16 mediapipe==0.10.14"
 

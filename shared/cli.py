@@ -44,10 +44,12 @@ COMMANDS: dict[str, Command] = {
                           C.build_preprocess_config, "dwm.preprocess.run:main", "input_dir"),
     "train": Command("train stage A, B, C, or all three in order", C.TrainConfig,
                      C.build_train_config, "dwm.training.train:main"),
-    "generate": Command("song + photo -> dance mp4", C.GenerateConfig, _plain(C.GenerateConfig),
+    "generate": Command("song + photo -> dance mp4", C.GenerateConfig,
+                        lambda overrides: C.build_run_config(C.GenerateConfig, overrides),
                         "dwm.generate.pipeline:main"),
     "eval": Command("metrics of a checkpoint on held-out shards", C.EvalConfig,
-                    _plain(C.EvalConfig), "dwm.generate.evaluate:main"),
+                    lambda overrides: C.build_run_config(C.EvalConfig, overrides),
+                    "dwm.generate.evaluate:main"),
     "bench": Command("measured speed of the data path and train step", C.BenchConfig,
                      _plain(C.BenchConfig), "dwm.bench:main"),
     "models": Command("download the full weights into models_dir", C.ModelsConfig,
@@ -114,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        # the machine, not the program: disk full, quota, read-only or forbidden path. Files
-        # are written atomically, so what was written before is intact; a re-run continues.
+        # the machine, not the program: disk full, quota, read-only or forbidden path, or a
+        # path that is a file where a folder must be (or the reverse). Files are written
+        # atomically, so what was written before is intact; a re-run continues.
         print(f"dwm {name}: error: {e}", file=sys.stderr)
         return 2
     return int(result or 0) if isinstance(result, int) else 0
 
 
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EEXIST,
+                       errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 if __name__ == "__main__":

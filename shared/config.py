@@ -153,6 +153,9 @@ class PreprocessConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
+    # The one size knob: which train_<profile>.yaml applies (steps, windows, loader settings);
+    # model_size and models.profile follow it unless set. model_size=X alone picks profile X.
+    profile: Literal["full", "tiny"] = "full"
     # -- stages and steps (README, "Training: the three-stage curriculum")
     training_stage: Literal["A", "B", "C", "all"] = "all"
     stage_a_steps: int = 5000
@@ -215,7 +218,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     use_xformers: bool = False  # attention only on flash / memory-efficient kernels (engine.attention_kernels)
     # -- model size and outputs
-    model_size: Literal["tiny", "full"] = "full"
+    model_size: Literal["tiny", "full"] = "full"  # follows profile unless set
     output_dir: str = "champ_2stage_output"
     init: str = ""  # explicit checkpoint/final folder to start the stage from
     resume: str = ""  # "latest" or a checkpoint path
@@ -233,6 +236,8 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class GenerateConfig:
+    # models.profile follows it unless set; "": the profile the checkpoint was trained with
+    profile: Literal["", "full", "tiny"] = ""
     music: str = ""
     ref: str = ""
     out: str = "dance.mp4"
@@ -281,6 +286,7 @@ class AppConfig:
 
 @dataclass
 class EvalConfig:
+    profile: Literal["", "full", "tiny"] = ""  # as GenerateConfig.profile
     ckpt: str = "champ_2stage_output/final"
     data: str = "data/manifest.json"
     out: str = "eval"
@@ -319,7 +325,7 @@ class BenchConfig:
     # in ms: the loader's goal is against what it consumes; 0: bench/gpu.py's estimate
     gpu_step_ms: float = 0.0
     sections: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5", "6"])
-    profile: bool = True  # profile (cProfile) each figure that misses its goal
+    cprofile: bool = True  # run each figure that misses its goal once more under cProfile
     # -- the GPU bench (bench/gpu.py, sections G1-G4): `dwm bench gpu=true`
     gpu: bool = False  # run the GPU sections instead of 1-6; writes <out>/bench_gpu.{md,json}
     dry_run: bool = False  # with gpu=true: the same code on the CPU, tiny models and sizes (CI)
@@ -366,7 +372,7 @@ def _leaf_paths(cls: type, prefix: str = "") -> dict[str, tuple[str, Any]]:
     return out
 
 
-def _resolve_key(cls: type, key: str) -> tuple[str, Any]:
+def resolve_key(cls: type, key: str) -> tuple[str, Any]:
     key = ALIASES.get(key, key)
     leaves = _leaf_paths(cls)
     if key in leaves:
@@ -437,18 +443,28 @@ def _set_path(cfg: Any, path: str, value: Any) -> None:
     setattr(obj, leaf, value)
 
 
+def _as_pairs(overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    if not isinstance(overrides, list):
+        return dict(overrides)
+    pairs = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        pairs[k.strip()] = v
+    return pairs
+
+
+def keys_set(cls: type, overrides: dict[str, Any] | list[str] | None) -> set[str]:
+    """The dotted fields of ``cls`` that ``overrides`` set (aliases and leaf names resolved)."""
+    return {resolve_key(cls, k)[0] for k in _as_pairs(overrides or [])}
+
+
 def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
     """Apply ``key=value`` overrides (strings) or a mapping to a config in place; returns it."""
-    if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"expected key=value, got '{item}'")
-            k, v = item.split("=", 1)
-            pairs[k.strip()] = v
-        overrides = pairs
+    overrides = _as_pairs(overrides)
     for key, value in overrides.items():
-        path, tp = _resolve_key(type(cfg), key)
+        path, tp = resolve_key(type(cfg), key)
         label = key if path == key else f"{key} ({path})"  # name what was typed and the field
         _set_path(cfg, path, _coerce(label, value, tp))
     return cfg
@@ -520,15 +536,46 @@ def build_preprocess_config(overrides: list[str] | dict | None = None) -> Prepro
 def build_train_config(
     overrides: list[str] | dict | None = None, stage: str | None = None
 ) -> TrainConfig:
-    """Defaults -> ``train_<size>.yaml`` -> ``stage_<X>.yaml`` -> overrides."""
+    """Defaults -> ``train_<profile>.yaml`` -> ``stage_<X>.yaml`` -> overrides; then
+    ``model_size`` and ``models.profile`` follow ``profile`` where the overrides leave them."""
     overrides = overrides or []
+    given = keys_set(TrainConfig, overrides)
     probe = apply_overrides(TrainConfig(), overrides)
+    profile = probe.profile
+    if "profile" not in given and "model_size" in given:
+        profile = probe.model_size  # the older spelling: model_size=tiny picks the tiny profile
     cfg = TrainConfig()
-    load_yaml(cfg, config_file(f"train_{probe.model_size}"))
+    load_yaml(cfg, config_file(f"train_{profile}"))
     st = stage or probe.training_stage
     if st in ("A", "B", "C"):
         load_yaml(cfg, config_file(f"stage_{st}"))
     apply_overrides(cfg, overrides)
+    cfg.profile = profile  # type: ignore[assignment]
+    if "model_size" not in given:
+        cfg.model_size = profile  # type: ignore[assignment]
+    if "models.profile" not in given:
+        cfg.models.profile = profile  # type: ignore[assignment]
     if stage:
         cfg.training_stage = stage  # type: ignore[assignment]
+    return cfg
+
+
+def checkpoint_profile(ckpt: str | Path) -> str | None:
+    """The ``models.profile`` a checkpoint folder was trained with (its training_info.json), or
+    None when it does not say."""
+    try:
+        info = json.loads((Path(ckpt) / "training_info.json").read_text())
+        profile = info["config"]["models"]["profile"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return profile if profile in ("full", "tiny") else None
+
+
+def build_run_config(cls: type, overrides: list[str] | dict | None = None):
+    """GenerateConfig / EvalConfig from overrides; ``models.profile`` follows ``profile``, and
+    with neither given, the profile the checkpoint was trained with (else full)."""
+    overrides = overrides or []
+    cfg = apply_overrides(cls(), overrides)
+    if "models.profile" not in keys_set(cls, overrides):
+        cfg.models.profile = cfg.profile or checkpoint_profile(cfg.ckpt) or "full"
     return cfg

@@ -422,23 +422,42 @@ def load_manifest(path: str) -> dict[str, Any]:
         manifest = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found (run `just preprocess` first)") from None
-    except json.JSONDecodeError as e:
+    except (IsADirectoryError, NotADirectoryError):
+        raise ManifestError(f"{path}: not a file (give the manifest.json that `just preprocess` "
+                            "wrote)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an "
+                            "object)")
     if manifest.get("format_version") != SHARD_FORMAT_VERSION:
         raise ManifestError(
             f"{path}: shard format {manifest.get('format_version')} but this code reads "
             f"{SHARD_FORMAT_VERSION}; re-run preprocessing on the same videos (`just preprocess`: "
             f"the shards are rewritten from the cache, no extractor runs again)"
         )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
+        raise ManifestError(f"{path}: 'shards' must be a list of shards with names; re-run "
+                            "preprocessing")
     for name, feat in (manifest.get("features") or {}).items():
         enc = feat.get("encoding") if isinstance(feat, dict) else None
         if enc not in ENCODINGS:
             raise ManifestError(f"{path}: feature {name} has encoding {enc!r}; this code reads "
                                 f"{', '.join(ENCODINGS)}")
     base = str(path).rsplit("/", 1)[0] if "/" in str(path) else "."
-    for s in manifest["shards"]:
+    for s in shards:
         s["url"] = ShardURL(storage.join(base, s["name"]), s.get("sha256"))
     return manifest
+
+
+def check_shards_present(manifest: dict[str, Any], splits: tuple[str, ...] | None = None) -> None:
+    """Every shard a manifest lists (of ``splits``, default all) exists: a missing one fails
+    before a run starts rather than at its first batch. Contents are checked when read."""
+    for s in manifest["shards"]:
+        if (splits is None or s.get("split") in splits) and not storage.exists(s["url"]):
+            raise ManifestError(f"{s['url']}: shard listed in the manifest is missing")
 
 
 class ShardURL(str):

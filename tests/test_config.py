@@ -90,6 +90,29 @@ def test_stage_and_profile_files_apply():
     assert tiny.models.profile == "tiny" and tiny.decode.width < 512
 
 
+@pytest.mark.parametrize("overrides,want", [
+    (["profile=tiny"], ("tiny", "tiny", "tiny", 60, 48)),  # the one knob: everything follows
+    (["model_size=tiny"], ("tiny", "tiny", "tiny", 60, 48)),  # the older spelling picks it too
+    ([], ("full", "full", "full", 5000, 120)),
+    (["profile=tiny", "model_size=full"], ("tiny", "full", "tiny", 60, 48)),  # set: kept
+    (["profile=tiny", "models.profile=full"], ("tiny", "tiny", "full", 60, 48)),
+])
+def test_train_profile_is_the_one_size_knob(overrides, want):
+    cfg = C.build_train_config(overrides)
+    got = (cfg.profile, cfg.model_size, cfg.models.profile, cfg.stage_a_steps, cfg.audio_window)
+    assert got == want
+
+
+def test_generate_and_eval_follow_the_checkpoints_profile(tmp_path):
+    ckpt = tmp_path / "final"
+    ckpt.mkdir()
+    (ckpt / "training_info.json").write_text('{"config": {"models": {"profile": "tiny"}}}')
+    for cls in (C.GenerateConfig, C.EvalConfig):
+        assert C.build_run_config(cls, [f"ckpt={ckpt}"]).models.profile == "tiny"
+        assert C.build_run_config(cls, [f"ckpt={ckpt}", "profile=full"]).models.profile == "full"
+        assert C.build_run_config(cls, [f"ckpt={tmp_path}"]).models.profile == "full"  # unknown
+
+
 def test_bad_yaml_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("decode:\n  fsp: 30\n")

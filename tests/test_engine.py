@@ -150,41 +150,38 @@ def test_lr_schedule_warmup_and_delayed_group(synth):
     assert sched.apply(3)[0] == pytest.approx(cfg.stage_a_lr)
 
 
-class FakeLaterStage(StageA):
-    """Stands in for B/C in the orchestration test: trains the M2PEncoder it is given."""
+def test_stage_all_chains_finals(synth, tiny_models_cfg, tmp_path):
+    """stage=all runs the real A, B and C (tiny, 1-2 steps each), each from the previous final/."""
+    from safetensors.torch import load_file
 
-    def build_model(self, cfg, init_path):
-        assert init_path and Path(init_path, "model_index.json").is_file()
-        return DanceModel.from_pretrained(init_path, components=("m2p",))
+    from dwm.training import train
 
-    def total_steps(self, cfg):
-        return 2
-
-
-def test_stage_all_chains_finals(synth, tmp_path, monkeypatch):
-    from dwm.training import stages, train
-
-    class FakeB(FakeLaterStage):
-        name = "B"
-
-    class FakeC(FakeLaterStage):
-        name = "C"
-
-    monkeypatch.setitem(stages.STAGES, "B", "test_engine:FakeB")
-    monkeypatch.setitem(stages.STAGES, "C", "test_engine:FakeC")
-    import test_engine
-
-    monkeypatch.setattr(test_engine, "FakeB", FakeB, raising=False)
-    monkeypatch.setattr(test_engine, "FakeC", FakeC, raising=False)
-    cfg = _cfg(synth, tmp_path, "stage_a_steps=2", "m2p_lr_stage_c=1e-4")
-    cfg.training_stage = "all"
+    cfg = _cfg(synth, tmp_path, "stage=all", "stage_a_steps=2", "stage_b_steps=1",
+               "stage_c_steps=1", "train_batch_size=1", "sequence_length=3",
+               "max_sequence_length=4", "m2p_lr_stage_c=1e-4",
+               f"models.models_dir={tiny_models_cfg.models_dir}")
+    assert cfg.training_stage == "all" and cfg.models.profile == "tiny"
     assert train.main(cfg) == 0
     for s in "ABC":
-        assert (tmp_path / f"stage_{s}" / "final" / "model_index.json").is_file()
-    assert (tmp_path / "final" / "m2p" / "config.json").is_file()
+        info = json.loads((tmp_path / f"stage_{s}" / "final" / "training_info.json").read_text())
+        assert info["stage"] == s and info["steps"] == {"A": 2, "B": 1, "C": 1}[s]
+    for part in ("m2p", "unet", "reference_net", "pose_guider", "id_adapter"):
+        assert (tmp_path / "final" / part / "config.json").is_file(), part  # C's final, copied
     summary = json.loads((tmp_path / "train_summary.json").read_text())
-    assert set(summary) == {"A", "B", "C"} and all(math.isfinite(summary[s]["losses"][-1][1]) for s in "ABC")
+    assert set(summary) == {"A", "B", "C"}
+    assert all(math.isfinite(summary[s]["losses"][-1][1]) for s in "ABC")
     assert train.init_for("C", cfg).endswith("stage_B/final")
+
+    def m2p_weights(stage):
+        files = sorted((tmp_path / f"stage_{stage}" / "final" / "m2p").glob("*.safetensors"))
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+    a, b, c = (m2p_weights(s) for s in "ABC")
+    # B started from A's final: its M2PEncoder is A's (in B it waits for the last half of the
+    # stage, which one step never reaches); C trains it at m2p_lr_stage_c, so C's moved on
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(b[k], c[k]) for k in b)
 
 
 def test_m2p_gradient_checkpointing_same_gradients_and_roundtrip(tmp_path):

@@ -3,8 +3,9 @@
 * Bad-input corpus (tests/badinput.py) through the real ``dwm preprocess`` command: each file gets
   the expected status and a reason naming it in report.json, the good files complete, and nothing
   of a bad file reaches a shard. VFR and rotation are checked on the pictures (timing band).
-* Kill: ``dwm preprocess`` is SIGKILLed after seeded random delays inside its working time, then
-  re-run; shards and manifest equal an uninterrupted run byte for byte, no temporary file left.
+* Kill: ``dwm preprocess`` is SIGKILLed at seeded random file commits (right before or after the
+  N-th rename of a cache chunk, shard or manifest: tests/killpoint.py), then re-run; shards and
+  manifest equal an uninterrupted run byte for byte, no temporary file left.
 * Disk full: the file writes fail with ENOSPC after N bytes during the shard phase: one clear
   line, the shards already written intact, and a re-run completes with the same bytes.
 """
@@ -21,13 +22,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from badinput import BAND_ROWS, H, band_index, good_clip, make_corpus
+from killpoint import Renames
 
 from dwm.shared.contract import decode_thumbs
 from dwm.shared.shards import decode_sample, load_manifest, verify_shards
@@ -36,10 +37,6 @@ from dwm.shared.shards import decode_sample, load_manifest, verify_shards
 BASE_ARGS = ["profile=tiny", "decode.width=64", "decode.height=112", "decode.segment_frames=24",
              "decode.min_frames=8", "workers=1"]
 TMP_NAME = re.compile(r"(^\.tmp-|\.partial$)")
-
-
-def dwm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dwm.shared.cli", *args]
 
 
 def run_env() -> dict[str, str]:
@@ -243,29 +240,19 @@ def kill_videos(tmp_path_factory):
     return d
 
 
-def _work_started(out: Path) -> bool:
-    cache = out / "cache"
-    return cache.exists() and any(p.is_dir() for p in cache.iterdir())
-
-
 @pytest.fixture(scope="module")
 def reference(kill_videos, tiny_models_cfg, tmp_path_factory):
-    """An uninterrupted run, and how long its working part (after start-up) took."""
+    """An uninterrupted run, and the files it commits (renames), in order."""
     out = tmp_path_factory.mktemp("kill_ref") / "out"
-    t0 = time.monotonic()
-    args = pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS)
-    log = out.parent / "stderr.txt"
-    with open(log, "wb") as err:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen(dwm_cmd(*args), env=run_env(), stdout=subprocess.DEVNULL,
-                                stderr=err)
-        t_work = None
-        while proc.poll() is None:
-            if t_work is None and _work_started(out):
-                t_work = time.monotonic()
-            time.sleep(0.02)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    t_end = time.monotonic()
-    return out, (t_work or t0) - t0, t_end - (t_work or t0)
+    with Renames() as renames:
+        assert dwm_main(*pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS)) == 0
+    return out, renames.targets
+
+
+def killed_cmd(at: int, when: str, *args: str) -> list[str]:
+    """``dwm ARGS``, SIGKILLed by itself right ``when`` (before/after) its rename number ``at``."""
+    return [sys.executable, str(Path(__file__).with_name("killpoint.py")), str(at), when,
+            os.devnull, "--", *args]
 
 
 def dataset_files(out: Path) -> dict[str, bytes]:
@@ -275,40 +262,35 @@ def dataset_files(out: Path) -> dict[str, bytes]:
 
 def test_kill_anywhere_then_resume_gives_the_same_bytes(reference, kill_videos, tiny_models_cfg,
                                                         tmp_path):
-    ref_out, t_start, t_work = reference
+    ref_out, commits = reference
     want = dataset_files(ref_out)
     assert len([n for n in want if n.endswith(".tar")]) >= 4  # several shards: kills between them
     rng = random.Random(20240611)
-    killed = 0
-    for trial in range(5):
+    # seeded points over the whole run (mostly cache chunks), one at a shard, the manifest last
+    shards = [i for i, t in enumerate(commits, 1) if t.endswith(".tar")]
+    assert len(shards) >= 4 and commits[-1].endswith("manifest.json"), commits[-5:]
+    points = sorted(rng.sample(range(1, shards[0]), 3) + [rng.choice(shards)]) + [len(commits)]
+    for trial, at in enumerate(points):
         out = tmp_path / f"trial{trial}" / "out"
-        delay = rng.uniform(0.0, 1.0) * t_work
-        proc = subprocess.Popen(
-            dwm_cmd(*pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS)),
-            env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        t0 = time.monotonic()
-        while proc.poll() is None and not _work_started(out) and time.monotonic() - t0 < 300:
-            time.sleep(0.01)
-        time.sleep(delay)  # seeded random point inside the working time
-        was_running = proc.poll() is None
-        if was_running:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed += 1
-        proc.wait()
+        when = rng.choice(["before", "after"])
+        proc = subprocess.run(
+            killed_cmd(at, when, *pp_args(kill_videos, out, tiny_models_cfg.models_dir,
+                                          *KILL_ARGS)),
+            env=run_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, (trial, proc.stderr[-3000:])
         state = sorted(p.name for p in out.iterdir()) if out.exists() else []
-        print(f"trial {trial}: {'killed' if was_running else 'finished'} {delay:.2f}s into "
-              f"{t_work:.2f}s of work; left: {state}")
+        target = Path(commits[at - 1])
+        print(f"trial {trial}: killed {when} commit {at}/{len(commits)} "
+              f"({target.parent.name}/{target.name}); left: {state}")
         # the re-run: the same entry point, in this process (saves a start-up per trial)
         rc = dwm_main(*pp_args(kill_videos, out, tiny_models_cfg.models_dir, *KILL_ARGS))
         assert rc == 0, trial
         got = dataset_files(out)
         assert sorted(got) == sorted(want), trial
         for name in want:
-            assert got[name] == want[name], f"trial {trial} (killed at {delay:.2f}s): {name}"
+            assert got[name] == want[name], f"trial {trial} (killed at commit {at}): {name}"
         assert leftovers(out) == [], trial
         verify_shards(load_manifest(str(out / "manifest.json")))
-    assert killed >= 3, f"only {killed} of 5 runs were killed before they finished"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Fault tests of training: SIGKILL mid-stage then resume=latest, half-written checkpoints,
 non-finite losses and weights.
 
-* ``dwm train stage=A`` (tiny) is SIGKILLed at a seeded random point after a checkpoint exists;
+* ``dwm train stage=A`` (tiny) is SIGKILLed at a seeded random file commit after a checkpoint
+  exists (right after a checkpoint's rename, or right before a later one's: tests/killpoint.py);
   a half-written checkpoint (temp dir) and an incomplete one (no trainer_state.json) are planted;
   ``resume=latest`` continues from the newest complete checkpoint and its losses and final
   weights match an uninterrupted run within float tolerance.
@@ -20,11 +21,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from killpoint import Renames
 from safetensors.torch import load_file
 from test_datasets import write_synthetic_dataset
 
@@ -37,8 +38,12 @@ TRAIN_ARGS = ("model_size=tiny", "audio_window=16", "train_batch_size=2", "num_w
               "shuffle_buffer=4", "checkpoints_total_limit=0")
 
 
-def dwm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dwm.shared.cli", *args]
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+
+
+def killed_cmd(at: int, when: str, *args: str) -> list[str]:
+    """``dwm ARGS``, SIGKILLed by itself right ``when`` (before/after) its rename number ``at``."""
+    return [sys.executable, str(KILLPOINT), str(at), when, os.devnull, "--", *args]
 
 
 def run_env() -> dict[str, str]:
@@ -85,34 +90,30 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 def test_kill_training_then_resume_matches_an_uninterrupted_run(synth, tmp_path):
     ref = tmp_path / "ref"
-    t0 = time.monotonic()
-    assert dwm_main(*train_args(synth, ref)) == 0  # uninterrupted
-    step_time = (time.monotonic() - t0) / STEPS  # an upper bound: start-up included
+    with Renames() as renames:  # the uninterrupted run, and every file commit it makes
+        assert dwm_main(*train_args(synth, ref)) == 0
     want = summary_losses(ref)
     assert sorted(want) == list(range(1, STEPS + 1))
+    commits = {Path(t).name: i for i, t in enumerate(renames.targets, 1)}
+    assert {f"checkpoint-{s}" for s in range(2, STEPS, 2)} <= set(commits), renames.targets
 
+    # a seeded point after a checkpoint is complete: right after the rename of checkpoint-2,
+    # -4 or -6, or right before that of checkpoint-6 (written in full, not yet renamed)
+    rng = random.Random(7)
+    when, name = rng.choice([("after", "checkpoint-2"), ("after", "checkpoint-4"),
+                             ("after", "checkpoint-6"), ("before", "checkpoint-6")])
     out = tmp_path / "killed"
     sdir = out / "stage_A"
-    rng = random.Random(7)
-    first_ckpt = rng.choice([2, 4])  # kill somewhere after this checkpoint is complete
-    extra_delay = rng.uniform(0.0, 1.5) * step_time  # within the next step or two
-    proc = subprocess.Popen(dwm_cmd(*train_args(synth, out)), env=run_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 300:
-        if (sdir / f"checkpoint-{first_ckpt}" / ckpt.STATE_NAME).is_file():
-            time.sleep(extra_delay)
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.run(killed_cmd(commits[name], when, *train_args(synth, out)),
+                          env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (sdir / "final").exists()
     done = ckpt.list_checkpoints(sdir)
     assert done, "no complete checkpoint to resume from"
     resume_step = done[-1][0]
-    print(f"killed {extra_delay:.2f}s after checkpoint-{first_ckpt}; resuming from {resume_step}")
+    last_complete = int(name.split("-")[1]) - (2 if when == "before" else 0)
+    assert resume_step == last_complete, (when, name, done)
+    print(f"killed {when} the rename of {name}; resuming from {resume_step}")
 
     # a crash while writing a later checkpoint, and a foreign/incomplete one: never loaded
     half = sdir / f"{ckpt.TMP_PREFIX}{STEPS - 2}"
@@ -186,17 +187,24 @@ def test_nonfinite_loss_is_skipped_with_a_warning(synth, tmp_path, monkeypatch, 
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run_with_one_clear_line(synth, tmp_path,
-                                                                     monkeypatch, capsys):
+                                                                     monkeypatch, capsys,
+                                                                     caplog):
     from dwm.shared import cli
 
     _poison(monkeypatch, None, float("nan"))
     out = tmp_path / "out"
     rc = cli.main(["train", "stage=A", f"data={synth}", f"output_dir={out}", *TRAIN_ARGS,
                    "stage_a_steps=20", "checkpointing_steps=1", "max_nonfinite_steps=3"])
-    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert len(err) == 1 and err[0].startswith("dwm train: error: stage A stopped"), err
-    assert "3 non-finite losses in a row" in err[0] and "max_nonfinite_steps" in err[0], err[0]
+    # the progress lines come first; the error is the one last line, whole (a message that
+    # went on over more lines would end the output), and nothing before it is an error
+    *before, err = lines
+    assert err.startswith("dwm train: error: stage A stopped"), lines
+    assert "3 non-finite losses in a row" in err and "max_nonfinite_steps" in err, err
+    assert all(line.startswith("stage A") for line in before), before
+    skipped = [r for r in caplog.records if "update skipped" in r.getMessage()]
+    assert len(skipped) == 3  # the warnings, logged (pytest holds the log handler)
     assert not (out / "stage_A" / "final").exists()
     all_saved_weights_finite(out / "stage_A")  # skipped steps never touched the weights
 

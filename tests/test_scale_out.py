@@ -4,7 +4,8 @@ accelerate DDP on 2 CPU ranks (gloo), loaders with more workers than shards, fss
 * 2 preprocessing ranks (one from RANK/WORLD_SIZE, one from a SLURM array's variables) + merge
   give the same dataset as 1 rank: the same sample keys, the same arrays, the same metadata.
 * ``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=true trains stage A
-  and stage B a few steps: the ranks see disjoint samples and hold equal weights after each step.
+  a few steps: the ranks see disjoint samples and hold equal weights after each step; stage B is
+  checked the same way on the DDP run of the launch test_fsdp_cpu shares (fixtures_launch.py).
 * a TrainLoader with more workers than shards (plain and resampled) does not hang (timeout).
 * preprocessing writes its cache, shards, manifest and report to ``memory://`` and ``file://``
   URLs through the same code path, and training reads the shards back from there.
@@ -276,7 +277,26 @@ def ddp_data(tmp_path_factory) -> str:
                                    per_shard=2)
 
 
-@pytest.mark.parametrize("stage", ["A", "B"])
+def assert_ddp_ranks(ranks: list[dict], steps: int) -> None:
+    assert [r["world"] for r in ranks] == [2, 2]  # really two processes
+    assert len(ranks[0]["seen"]) == steps
+    for step in range(steps):
+        a, b = (set(r["seen"][step]) for r in ranks)
+        assert a and b and not a & b, f"step {step}: both ranks saw {a & b}"
+        # DDP averaged the gradients: the weights are the same on both ranks at every step
+        assert ranks[0]["digests"][step] == ranks[1]["digests"][step], step
+    assert ranks[0]["digests"][0] != ranks[0]["digests"][-1]  # and they did train
+    assert len(ranks[0]["losses"]) == steps
+
+
+def test_ddp_two_cpu_ranks_stage_b(fsdp_ddp_runs):
+    """Stage B under DDP on 2 ranks: the DDP reference of the shared FSDP launch."""
+    _, ranks = fsdp_ddp_runs["ddp"]
+    assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert_ddp_ranks(ranks, len(ranks[0]["losses"]))
+
+
+@pytest.mark.parametrize("stage", ["A"])
 def test_ddp_two_cpu_ranks(stage, ddp_data, tiny_models_cfg, tmp_path):
     script = tmp_path / "ddp_probe.py"
     script.write_text(DDP_SCRIPT)
@@ -296,14 +316,7 @@ def test_ddp_two_cpu_ranks(stage, ddp_data, tiny_models_cfg, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]  # really two processes
-    for step in range(steps):
-        a, b = (set(r["seen"][step]) for r in ranks)
-        assert a and b and not a & b, f"step {step}: both ranks saw {a & b}"
-        # DDP averaged the gradients: the weights are the same on both ranks at every step
-        assert ranks[0]["digests"][step] == ranks[1]["digests"][step], step
-    assert ranks[0]["digests"][0] != ranks[0]["digests"][-1]  # and they did train
-    assert len(ranks[0]["losses"]) == steps
+    assert_ddp_ranks(ranks, steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,29 @@ class CheckpointError(UserFacingError):
     """A checkpoint that cannot be written or read; the message names it."""
 
 
+def check_model_folder(path: str | Path, key: str = "ckpt") -> None:
+    """A saved DanceModel folder (``final/``) that can be loaded: ``model_index.json`` is a JSON
+    object of component -> [module, class], and each component has its folder. Fails in one
+    line naming ``key=path`` or the damaged file, before anything is loaded."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise CheckpointError(f"{key}={path}: not a trained model folder (no model_index.json); "
+                              "train first (`just train`) or give a stage's final/ folder")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{index_file}: unreadable ({e}); the checkpoint is damaged")
+    if not isinstance(index, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
+            for v in index.values()):
+        raise CheckpointError(f"{index_file}: not a model index (component -> [module, class])")
+    for name in index:
+        if not (path / name / "config.json").is_file():
+            raise CheckpointError(f"{path / name}: component '{name}' is missing (no "
+                                  "config.json); the checkpoint is incomplete")
+
+
 # ---------------------------------------------------------------------------------------------
 # finding checkpoints
 # ---------------------------------------------------------------------------------------------

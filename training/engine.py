@@ -28,10 +28,11 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from dwm.datasets import TrainLoader, batch_size_of, batch_to_device, eval_batches, make_view
 from dwm.shared.errors import UserFacingError
+from dwm.shared.progress import progress
+from dwm.shared.progress import progress
 from dwm.shared.config import TrainConfig, config_hash, to_dict
 from dwm.shared.shards import load_manifest
 
@@ -471,19 +472,35 @@ def run_stage(stage: Stage, cfg: TrainConfig, init_path: str | Path | None = Non
               max_steps: int | None = None, save_final: bool = True) -> StageResult:
     """Train ``stage``: train steps, with validation and checkpoints on their schedules, then
     ``final/``. ``max_steps``: stop after this many steps of this run (tests; the schedule still
-    follows the stage's total), leaving a checkpoint to resume from."""
-    trainer = Trainer(stage, cfg, init_path)
+    follows the stage's total), leaving a checkpoint to resume from. A run that fails on bad
+    input before its first step is done removes the folders it created: nothing half-made."""
+    made = [d for d in (Path(cfg.output_dir), stage_dir_of(cfg, stage.name)) if not d.exists()]
+    trainer, first = None, None
+    try:
+        trainer = Trainer(stage, cfg, init_path)
+        first = trainer.step
+        return _train(trainer, max_steps, save_final)
+    except UserFacingError:
+        nothing_done = trainer is None or trainer.step == first
+        if nothing_done and int(os.environ.get("RANK", "0")) == 0:
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _train(trainer: Trainer, max_steps: int | None, save_final: bool) -> StageResult:
+    cfg, stage = trainer.cfg, trainer.stage
     end = trainer.total if max_steps is None else min(trainer.total, trainer.step + max_steps)
-    bar = tqdm(total=end, initial=trainer.step, desc=f"stage {stage.name}",
-               disable=not trainer.acc.is_main_process, dynamic_ncols=True)
+    bar = progress(total=end, initial=trainer.step, desc=f"stage {stage.name}", unit="step",
+                   disable=not trainer.acc.is_main_process, dynamic_ncols=True)
     final_dir = None
     try:
         trainer.model.train()
         while trainer.step < end:
             out = trainer.train_step()
-            bar.update(1)
-            if out.finite:
+            if out.finite:  # before update: a plain progress line then shows this step's loss
                 bar.set_postfix(loss=f"{out.loss:.4f}")
+            bar.update(1)
             trainer.record(out)
             if trainer.due(cfg.validation_steps):
                 trainer.validate()

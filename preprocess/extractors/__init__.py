@@ -21,12 +21,16 @@ REGISTRY: dict[str, type[Extractor]] = {
 FRAME_ORDER = ("face", "latents", "clip", "thumbs")
 
 
-def build(cfg: PreprocessConfig, device: str = "cpu") -> dict[str, Extractor]:
+def check_names(cfg: PreprocessConfig) -> None:
     unknown = [n for n in cfg.extractors if n not in REGISTRY]
     if unknown:
         raise ConfigError(f"unknown extractor(s) {unknown} in 'extractors' (known: {list(REGISTRY)})")
+
+
+def build(cfg: PreprocessConfig, device: str = "cpu") -> dict[str, Extractor]:
+    check_names(cfg)
     return {n: REGISTRY[n](cfg, device) for n in REGISTRY if n in cfg.extractors}
 
 
 __all__ = ["ArraySpec", "Extractor", "FrameBatch", "VideoContext", "REGISTRY", "FRAME_ORDER",
-           "build"]
+           "build", "check_names"]

@@ -82,10 +82,19 @@ def build_unet():
 
 def save_all(root: Path) -> dict[str, Path]:
     """Save the tiny VAE / image encoder / UNet as SVD-style subfolders of ``root``."""
+    from transformers.utils import logging as hf_logging
+
     root = Path(root)
     out = {}
-    for sub, build in (("vae", build_vae), ("image_encoder", build_clip), ("unet", build_unet)):
-        model = build()
-        model.save_pretrained(root / sub, safe_serialization=True)
-        out[sub] = root / sub
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for one file, redrawn into every log: noise
+    try:
+        for sub, build in (("vae", build_vae), ("image_encoder", build_clip),
+                           ("unet", build_unet)):
+            model = build()
+            model.save_pretrained(root / sub, safe_serialization=True)
+            out[sub] = root / sub
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return out

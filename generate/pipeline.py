@@ -35,7 +35,6 @@ import decord
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dwm.preprocess.decode import decode_size
 from dwm.preprocess.extractors.audio import AudioBatch, AudioExtractor
@@ -49,9 +48,11 @@ from dwm.shared import config as C
 from dwm.shared import contract, media, weights
 from dwm.shared.contract import Normaliser
 from dwm.shared.errors import UserFacingError
+from dwm.shared.progress import progress
 from dwm.shared.shards import ManifestError, load_manifest
 from dwm.shared.vae import decode_latents, load_vae
 from dwm.training import edm
+from dwm.training.checkpoint import check_model_folder
 from dwm.training.models.animator import (VIDEO_COMPONENTS, Conditioning, conditioning_latent,
                                           denoise, load_dance_model)
 from dwm.training.models.m2p import logits_to_heatmaps
@@ -267,7 +268,7 @@ def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
     length = min(window, total)
     p = next(m2p.parameters())
     heat_parts, coord_parts = [], []
-    for s in tqdm(starts, desc="poses from music", unit="window", disable=not show_progress,
+    for s in progress(starts, desc="poses from music", unit="window", disable=not show_progress,
                   leave=False):
         a = torch.from_numpy(mel_n[s : s + length])[None].to(p.device, p.dtype)
         b = torch.from_numpy(base_n[s : s + length])[None].to(p.device, p.dtype)
@@ -444,7 +445,7 @@ def sample_latents(model: Any, pose: torch.Tensor, ref_latent: torch.Tensor,
             keep_face=torch.full((b,), bool(face_valid), device=device),
             concat_latent=rep(concat), scaling_factor=scaling_factor, added_time_ids=time_ids)
 
-    bar = tqdm(total=settings.steps * len(starts), desc="sampling", unit="window",
+    bar = progress(total=settings.steps * len(starts), desc="sampling", unit="window",
                disable=not show_progress, leave=False)
 
     def denoise_all(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -474,7 +475,7 @@ def iter_decoded_frames(vae: Any, latents: torch.Tensor, scaling_factor: float,
                         batch_size: int = 8, show_progress: bool = True):
     """Scaled latents (T, 4, h, w) -> uint8 RGB frames (H, W, 3), one at a time, decoded in
     chunks of ``batch_size`` (a long song never holds all its frames in memory)."""
-    for a in tqdm(range(0, latents.shape[0], batch_size), desc="decoding", unit="chunk",
+    for a in progress(range(0, latents.shape[0], batch_size), desc="decoding", unit="chunk",
                   disable=not show_progress, leave=False):
         z = latents[a : a + batch_size].float() / scaling_factor
         img = decode_latents(vae, z, num_frames=z.shape[0])
@@ -525,6 +526,32 @@ class DanceSettings:
         return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
 
 
+def check_files(music: str | Path, reference_image: str | Path) -> None:
+    """The song and the photo are given and exist (before a model is loaded)."""
+    for key, value in (("music", music), ("ref", reference_image)):
+        if not str(value or ""):
+            raise UserFacingError(f"{key}= is required (" + (
+                "a song: wav, mp3, ogg, m4a, or a video" if key == "music"
+                else "a photo of the person") + ")")
+        if not Path(value).is_file():
+            raise UserFacingError(f"{key}={value}: no such file")
+
+
+def check_settings(settings: DanceSettings) -> tuple[int, int]:
+    """Settings that cannot work fail in one line naming the key; returns (width, height)."""
+    if settings.fps <= 0:
+        raise UserFacingError(f"fps={settings.fps}: must be > 0")
+    if settings.steps < 1:
+        raise UserFacingError(f"steps={settings.steps}: must be >= 1")
+    if settings.window < 1 or not 0 <= settings.overlap < settings.window:
+        raise C.ConfigError(f"window={settings.window}, overlap={settings.overlap}: need "
+                            "window >= 1 and 0 <= overlap < window")
+    if settings.pose_window < 0:
+        raise C.ConfigError(f"pose_window={settings.pose_window}: must be >= 0 (0: the "
+                            "training run's audio_window)")
+    return parse_resolution(settings.resolution)
+
+
 class DancePipeline:
     """A trained DanceModel (``final/``) with everything generation needs beside it: the training
     run's settings and feature statistics, and the preprocessing extractors that embed the song
@@ -550,6 +577,7 @@ class DancePipeline:
             raise UserFacingError(f"ckpt={ckpt}: not a trained model folder (no "
                                   "model_index.json); train first (`just train`) or point ckpt= "
                                   "at a final/ folder")
+        check_model_folder(ckpt)  # a damaged folder fails in one line, not in a loader
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise UserFacingError(f"device={device}: CUDA is not available on this machine")
         models = models or C.ModelsConfig()
@@ -570,18 +598,8 @@ class DancePipeline:
     def check_inputs(self, music: str | Path, reference_image: str | Path,
                      settings: DanceSettings) -> tuple[int, int]:
         """One-line errors for what cannot work; returns the video size (width, height)."""
-        for key, value in (("music", music), ("ref", reference_image)):
-            if not str(value or ""):
-                raise UserFacingError(f"{key}= is required (" + (
-                    "a song: wav, mp3, ogg, m4a, or a video" if key == "music"
-                    else "a photo of the person") + ")")
-            if not Path(value).is_file():
-                raise UserFacingError(f"{key}={value}: no such file")
-        if settings.fps <= 0:
-            raise UserFacingError(f"fps={settings.fps}: must be > 0")
-        if settings.steps < 1:
-            raise UserFacingError(f"steps={settings.steps}: must be >= 1")
-        width, height = parse_resolution(settings.resolution)
+        check_files(music, reference_image)
+        width, height = check_settings(settings)
         if self.has_video:
             factor = 2 ** (len(self.model.unet.config.block_out_channels) - 1)
             if (height // contract.LATENT_DOWNSAMPLE) % factor or \
@@ -744,6 +762,8 @@ def write_outputs(output: DanceOutput, out: str | Path, music: str | Path,
 
 def main(cfg: C.GenerateConfig) -> int:
     settings = DanceSettings.from_config(cfg)
+    check_files(cfg.music, cfg.ref)
+    check_settings(settings)  # before a model is loaded
     pipe = DancePipeline.from_pretrained(cfg.ckpt, models=cfg.models,
                                          pose_backend=cfg.pose_backend, device=cfg.device,
                                          dtype=cfg.dtype, show_progress=not cfg.quiet)

@@ -43,6 +43,8 @@ View B (stage B, single frames).
     clip_embed      (B, D)         float32, the clip_frames entry nearest the reference frame
     audio_mel, audio_baseline, frame_mask   (B, W, ...) as view A, the W-window around the target
     audio_target    (B,)           int64, index of the target frame inside that window
+    window_coords, window_conf (B, W, K, 2), (B, W, K): pose_body over that window (0 on
+                    padding): the ground-truth dance the M2PEncoder denoises for scheduled sampling
     audio_valid     (B,)           float32, 0 when the sample has no audio (features are zeros)
     ref_index, target_index  (B,)  int64, frame indices within the segment
     meta            list of dicts (key, source, fps, segment_start, ...)
@@ -348,6 +350,7 @@ class ViewB(View):
         emb, ok = face_target(feats, None)  # the video's reference embedding
         clip, clip_ok = nearest_clip(feats, r)
         body = feats["pose_body"][t].astype(np.float32)
+        around = window(feats["pose_body"].astype(np.float32), a_start, W)
         return {
             "ref_latent": scaled(feats["latents"][r], scale),
             "target_latent": scaled(feats["latents"][t], scale),
@@ -360,6 +363,8 @@ class ViewB(View):
             "clip_embed": clip, "clip_valid": np.float32(clip_ok),
             "audio_mel": mel, "audio_baseline": base, "frame_mask": mask,
             "audio_target": np.int64(t - a_start), "audio_valid": np.float32(a_ok),
+            "window_coords": np.ascontiguousarray(around[..., :2]),
+            "window_conf": np.ascontiguousarray(around[..., 2]),
             "ref_index": np.int64(r), "target_index": np.int64(t),
             "meta": {**base_meta(meta), "ref_frame": r, "target_frame": t},
         }

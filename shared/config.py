@@ -169,6 +169,7 @@ class TrainConfig:
     # -- the M2PEncoder's pose denoiser (stage A; sigmas are in torso lengths of the reference)
     pose_denoise_loss_weight: float = 1.0  # EDM-weighted MSE of x0 in the reference's units
     velocity_loss_weight: float = 1.0  # L1 of x0's frame-to-frame motion vs the target's (EDGE)
+    heatmap_loss_frames: int = 8  # stage A: frames per window that get L_heat (0 = all)
     music_dropout: float = 0.1  # music dropped per sample: classifier-free guidance on music
     pose_known_start_prob: float = 0.5  # the window's first frame given (generation: the photo)
     pose_known_prefix_prob: float = 0.3  # its first 1..W/2 frames given (a window's overlap)

@@ -6,9 +6,9 @@ Two branches, trained together in stage A (then frozen / slowly tuned in B and C
   dance is one-to-many, so the pose sequence is *sampled*, not regressed (a regressor averages
   the valid dances into one that never happens). The state is the pose sequence in the
   reference body's own units (:func:`reference_frame`: the reference's neck is the origin and
-  its torso length the unit; x is measured in frame heights, so the unit is isotropic), minus
-  the reference pose itself: placement and proportions of the output follow the reference by
-  construction. Per frame, a token sums the music (log-mel + the 35-d FACT/EDGE set; a learned
+  its torso length the unit; x is measured in frame heights, so the unit is isotropic):
+  placement and size of the output follow the reference by construction, and the reference
+  pose itself (in those units) is an input, for its proportions. Per frame, a token sums the music (log-mel + the 35-d FACT/EDGE set; a learned
   null token where the music is dropped, which gives classifier-free guidance), the noisy state
   (EDM ``c_in``), the frames given as context (the start pose, the overlap with the previous
   window; a mask says which) and, broadcast, the reference pose and the noise level. A small
@@ -26,8 +26,8 @@ Two branches, trained together in stage A (then frozen / slowly tuned in B and C
 
 Sizes (``M2PEncoder.from_size``):
 
-* ``tiny`` (0.2 M parameters): tests and the CPU demo; d=64, 2 layers.
-* ``full`` (about 50 M parameters: denoiser 26 M, face 24 M). The denoiser is a 512-d, 8-layer,
+* ``tiny`` (0.28 M parameters): tests and the CPU demo; d=64, 2 layers.
+* ``full`` (59.8 M parameters: denoiser 35.7 M, face 24.0 M). The denoiser is a 512-d, 8-layer,
   8-head Transformer: the size of EDGE's and Bailando's music-to-motion transformers, enough for
   5 s windows of 120 frames with rhythm and phrase structure. The face branch is a
   ResNet-18-like CNN (64-128-256-512 channels, 2 blocks per stage) with ArcFace's flatten + FC
@@ -156,57 +156,29 @@ def logits_to_heatmaps(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _Block(nn.Module):
-    """Pre-norm Transformer encoder layer (self-attention with key padding mask + MLP)."""
+    """Pre-norm Transformer encoder layer (self-attention with key padding mask + MLP), its
+    norms modulated by the condition (noise level + reference: adaLN, as DiT and EDGE's FiLM),
+    so every layer knows how much to trust the noisy input."""
 
     def __init__(self, dim: int, heads: int, ff_mult: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
         self.ff = nn.Sequential(nn.Linear(dim, dim * ff_mult), nn.GELU(), nn.Dropout(dropout),
                                 nn.Linear(dim * ff_mult, dim))
         self.drop = nn.Dropout(dropout)
+        self.modulation = nn.Linear(dim, 4 * dim)
+        nn.init.zeros_(self.modulation.weight)  # starts as a plain pre-norm layer
+        nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm1(x)
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None,
+                cond: torch.Tensor) -> torch.Tensor:
+        scale1, shift1, scale2, shift2 = self.modulation(cond)[:, None].chunk(4, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
         h, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
         x = x + self.drop(h)
-        return x + self.drop(self.ff(self.norm2(x)))
-
-
-class _Up(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm = nn.GroupNorm(min(8, cout), cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return F.silu(self.norm(self.conv(x)))
-
-
-class _HeatmapDecoder(nn.Module):
-    """Frame token (d) -> K heatmap logits at H x W through len(channels) x2 upsamplings."""
-
-    def __init__(self, dim: int, channels: tuple[int, ...], joints: int, height: int, width: int):
-        super().__init__()
-        f = 2 ** len(channels)
-        if height % f or width % f:
-            raise ValueError(f"heatmap size {height}x{width} must be divisible by {f} "
-                             f"({len(channels)} upsamplings)")
-        self.h0, self.w0, self.c0 = height // f, width // f, channels[0]
-        self.proj = nn.Linear(dim, self.c0 * self.h0 * self.w0)
-        ups = []
-        cin = channels[0]
-        for cout in channels:  # one x2 upsampling per entry
-            ups.append(_Up(cin, cout))
-            cin = cout
-        self.ups = nn.Sequential(*ups)
-        self.out = nn.Conv2d(cin, joints, 3, padding=1)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, K, H, W)
-        x = self.proj(tokens).view(-1, self.c0, self.h0, self.w0)
-        return self.out(self.ups(F.silu(x)))
+        return x + self.drop(self.ff(self.norm2(x) * (1 + scale2) + shift2))
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -282,7 +254,8 @@ class M2PEncoder(ModelMixin, ConfigMixin):
                  face_blocks: tuple[int, ...] = (1, 1, 1, 1), face_flatten: bool = False,
                  embed_dim: int = 512, size: str = "tiny", pose_sigma_data: float = 0.5,
                  pose_sigma_min: float = 0.002, pose_sigma_max: float = 20.0,
-                 heatmap_sigma: float = 1.5, m2p_version: int = M2P_VERSION):
+                 heatmap_sigma: float = 1.5, pose_kernel: int = 9,
+                 m2p_version: int = M2P_VERSION):
         super().__init__()
         if m2p_version != M2P_VERSION:
             raise UserFacingError(f"M2PEncoder m2p_version={m2p_version}: this code builds "
@@ -290,7 +263,9 @@ class M2PEncoder(ModelMixin, ConfigMixin):
         d, k = hidden_dim, num_joints
         self.audio_in = nn.Linear(n_mels + baseline_dim, d)
         self.null_music = nn.Parameter(torch.zeros(d))  # the music token when music is dropped
-        self.pose_in = nn.Linear(k * 2, d)
+        # the noisy poses enter through a temporal convolution: a move is identified by its
+        # trajectory over a beat, not by one frame's noisy joints
+        self.pose_in = nn.Conv1d(k * 2, d, pose_kernel, padding=pose_kernel // 2)
         self.known_in = nn.Linear(k * 2 + 1, d)  # context frames (start pose, overlap) + mask
         self.ref_in = nn.Linear(k * 3, d)  # reference pose in its own units + visibility
         self.sigma_in = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
@@ -326,6 +301,14 @@ class M2PEncoder(ModelMixin, ConfigMixin):
             except (OSError, KeyError, TypeError, ValueError, IndexError):
                 grid = {}  # no manifest yet (e.g. a bench on fake data): the size's grid
         return cls.from_size(size, **{**grid, **overrides})
+
+    @classmethod
+    def from_train_config(cls, cfg) -> M2PEncoder:
+        """A fresh encoder as stage A builds one: ``cfg.model_size``, the grid of ``cfg.data``'s
+        manifest, the pose denoiser's sigmas from the config (they are saved with the model)."""
+        keys = ("pose_sigma_data", "pose_sigma_min", "pose_sigma_max")
+        sigmas = {k: float(getattr(cfg, k)) for k in keys if hasattr(cfg, k)}
+        return cls.for_data(cfg.model_size, getattr(cfg, "data", None), **sigmas)
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
@@ -377,15 +360,14 @@ class M2PEncoder(ModelMixin, ConfigMixin):
         return (xy - centre) / scale
 
     def state_of(self, coords: torch.Tensor, ref_pose: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, K, 2) coordinates in [0, 1] -> the denoiser's state (reference units, minus
-        the reference pose)."""
-        centre, scale, ref_units, _ = self.reference_units(ref_pose, coords.shape[0], coords.device)
-        return self._to_units(coords, centre, scale) - ref_units
+        """(B, T, K, 2) coordinates in [0, 1] -> the denoiser's state (reference units)."""
+        centre, scale, _, _ = self.reference_units(ref_pose, coords.shape[0], coords.device)
+        return self._to_units(coords, centre, scale)
 
     def coords_of(self, state: torch.Tensor, ref_pose: torch.Tensor | None) -> torch.Tensor:
         """Inverse of :meth:`state_of`."""
-        centre, scale, ref_units, _ = self.reference_units(ref_pose, state.shape[0], state.device)
-        xy = (state.float() + ref_units) * scale + centre
+        centre, scale, _, _ = self.reference_units(ref_pose, state.shape[0], state.device)
+        xy = state.float() * scale + centre
         return xy / torch.tensor([self.aspect, 1.0], device=state.device)
 
     def heatmap_logits(self, coords: torch.Tensor, grid: tuple[int, int] | None = None
@@ -419,7 +401,8 @@ class M2PEncoder(ModelMixin, ConfigMixin):
         _, _, ref_units, vis = self.reference_units(ref_pose, b, noisy.device)
         x = self._tokens(audio_mel, audio_baseline, music_keep)
         dtype = x.dtype
-        x = x + self.pose_in((noisy.float() * c_in[:, None, None, None]).reshape(b, t, k * 2).to(dtype))
+        pose = (noisy.float() * c_in[:, None, None, None]).reshape(b, t, k * 2).to(dtype)
+        x = x + self.pose_in(pose.transpose(1, 2)).transpose(1, 2)
         if known is not None and known_mask is not None:
             m = known_mask.float().reshape(b, t, 1)
             ks = self.state_of(known, ref_pose).reshape(b, t, k * 2) * m
@@ -433,8 +416,9 @@ class M2PEncoder(ModelMixin, ConfigMixin):
         pad = (frame_mask <= 0) if frame_mask is not None else None
         if pad is not None and pad.all(dim=1).any():  # an all-padding row would give NaN attention
             pad = pad & ~pad.all(dim=1, keepdim=True)
+        cond = F.silu(emb)
         for layer in self.layers:
-            x = self._ckpt(layer, x, pad)
+            x = self._ckpt(layer, x, pad, cond)
         out = self.head(self.norm(x)).float().reshape(b, t, k, 2)
         return noisy.float() * c_skip[:, None, None, None] + out * c_out[:, None, None, None]
 

@@ -167,13 +167,13 @@ class TrainConfig:
     face_loss: Literal["cosine", "l2"] = "cosine"
     coord_loss_weight: float = 10.0  # stage A: L1 of soft-argmax coords (in [0,1]) beside heatmap CE
     # -- the M2PEncoder's pose denoiser (stage A; sigmas are in torso lengths of the reference)
-    pose_denoise_loss_weight: float = 1.0  # EDM-weighted MSE of x0 in the reference's units
+    pose_denoise_loss_weight: float = 1.0  # MSE of x0 in the reference's units (EDGE's loss)
     velocity_loss_weight: float = 1.0  # L1 of x0's frame-to-frame motion vs the target's (EDGE)
     heatmap_loss_frames: int = 8  # stage A: frames per window that get L_heat (0 = all)
     music_dropout: float = 0.1  # music dropped per sample: classifier-free guidance on music
     pose_known_start_prob: float = 0.5  # the window's first frame given (generation: the photo)
     pose_known_prefix_prob: float = 0.3  # its first 1..W/2 frames given (a window's overlap)
-    pose_sigma_data: float = 0.5  # EDM sigma_data of the pose state (saved in the model)
+    pose_sigma_data: float = 0.5  # EDM sigma_data: scales the noisy input (saved in the model)
     pose_sigma_min: float = 0.002  # sampling range of the pose denoiser (saved in the model)
     pose_sigma_max: float = 20.0
     pose_p_mean: float = -1.0  # log-normal training sigmas of the pose denoiser (EDM's)

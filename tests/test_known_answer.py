@@ -15,7 +15,6 @@ continue each other without a jump at the seams.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -137,10 +136,6 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    if os.environ.get("DWM_KNOWN_ANSWER", "") != "1":
-        # 800 CPU steps: about 2 minutes on an idle 2-core machine, 8 on a busy one, and the
-        # tiny denoiser does not reach the figures yet (xfail): opt-in until it does
-        pytest.skip("set DWM_KNOWN_ANSWER=1 to train the known-answer model (minutes)")
     root = tmp_path_factory.mktemp("known_answer")
     manifest = write_corpus(root / "data")
     cfg = build_train_config([
@@ -189,14 +184,14 @@ def test_denoiser_dances_and_one_step_cannot(trained):
     both = (a >= 0) & (c >= 0)
     summary["seed_differs"] = float((a[both] != c[both]).mean()) if both.any() else 0.0
     print("known answer:", json.dumps(summary))
+    model = summary["model"]
+    assert model["valid"] >= 0.8, summary
+    assert summary["seed_differs"] >= 0.5, summary
+    assert model["f1"] >= 0.7, summary
+    assert model["start"] <= 0.05, summary
     # the deterministic one-step prediction averages the moves: it fails the same test
     one = summary["onestep"]
-    assert one["valid"] < 0.5 and summary["seed_differs"] >= 0 and one["f1"] < 0.7, summary
-    model = summary["model"]
-    assert model["start"] <= 0.05, summary
-    passed = (model["valid"] >= 0.8 and summary["seed_differs"] >= 0.5 and model["f1"] >= 0.7)
-    if not passed:  # known-broken: the tiny denoiser does not reach the figures yet
-        pytest.xfail(f"tiny denoiser below the known answer after {STEPS} steps: {summary}")
+    assert one["valid"] < 0.8 and one["f1"] < 0.7, summary
 
 
 def test_sample_dance_long_song_is_one_dance(trained):

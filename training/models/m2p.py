@@ -12,8 +12,9 @@ Two branches, trained together in stage A (then frozen / slowly tuned in B and C
   null token where the music is dropped, which gives classifier-free guidance), the noisy state
   (EDM ``c_in``), the frames given as context (the start pose, the overlap with the previous
   window; a mask says which) and, broadcast, the reference pose and the noise level. A small
-  temporal convolution, sinusoidal positions and a pre-norm Transformer encoder follow, and a
-  linear head gives F; ``x0 = c_skip x + c_out F`` (EDM, ``pose_sigma_data``).
+  temporal convolution, sinusoidal positions and a pre-norm Transformer encoder (adaLN on the
+  noise level and reference) follow, and a linear head gives x0 directly, as EDGE does; the
+  inputs are EDM-preconditioned (``c_in``, ``c_noise`` with ``pose_sigma_data``).
   Heatmap logits come from x0 (:meth:`M2PEncoder.heatmap_logits`: a Gaussian log-density per
   joint with a learned width, on any grid: 56x32 and 112x64 alike), only where heatmaps are
   consumed: the loss, and the guidance of stages B and C; coordinates are their soft-argmax.
@@ -274,7 +275,7 @@ class M2PEncoder(ModelMixin, ConfigMixin):
                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, k * 2)
-        nn.init.zeros_(self.head.weight)  # start as x0 = c_skip x (the EDM identity at low noise)
+        nn.init.zeros_(self.head.weight)  # starts with every joint at the reference origin
         nn.init.zeros_(self.head.bias)
         # per-joint Gaussian width of the heatmap logits, in pixels of the config's grid
         self.heatmap_log_width = nn.Parameter(torch.full((k,), math.log(heatmap_sigma)))
@@ -397,7 +398,7 @@ class M2PEncoder(ModelMixin, ConfigMixin):
         """x0 (B, T, K, 2) in state units from the noisy state at ``sigma`` (B,)."""
         b, t, k, _ = noisy.shape
         sigma = sigma.float().reshape(b)
-        c_skip, c_out, c_in, c_noise = pose_preconditioning(sigma, self.config.pose_sigma_data)
+        _, _, c_in, c_noise = pose_preconditioning(sigma, self.config.pose_sigma_data)
         _, _, ref_units, vis = self.reference_units(ref_pose, b, noisy.device)
         x = self._tokens(audio_mel, audio_baseline, music_keep)
         dtype = x.dtype
@@ -419,8 +420,10 @@ class M2PEncoder(ModelMixin, ConfigMixin):
         cond = F.silu(emb)
         for layer in self.layers:
             x = self._ckpt(layer, x, pad, cond)
-        out = self.head(self.norm(x)).float().reshape(b, t, k, 2)
-        return noisy.float() * c_skip[:, None, None, None] + out * c_out[:, None, None, None]
+        # x0 directly (EDGE), not EDM's c_skip x + c_out F: the skip path carries the noise
+        # into x0, and every error of F at mid noise then stays in the sample as jitter (an
+        # untrained EDM denoiser samples sigma_data-sized noise per frame; an x0 one, the mean)
+        return self.head(self.norm(x)).float().reshape(b, t, k, 2)
 
     def encode_face(self, face_crop: torch.Tensor) -> torch.Tensor:
         return self._ckpt(self.face, face_crop)

@@ -8,7 +8,7 @@ with the music dropped (``music_dropout``: classifier-free guidance) and the fir
 (``pose_known_prefix_prob``: a long song's window continues the last) given as context. Loss on
 the denoised x0 (weighted by joint confidence and the frame mask, context frames left out):
 
-    L_denoise = EDM-weighted MSE(x0, target) in reference units
+    L_denoise = MSE(x0, target) in reference units (x0 prediction, as EDGE)
     L_vel     = L1(x0[t+1] - x0[t], target[t+1] - target[t])            (EDGE's velocity term)
     L_heat    = CE(spatial softmax of x0's heatmap logits, target heatmap)
                 + coord_loss_weight * L1(soft-argmax coords, target coords)
@@ -93,10 +93,8 @@ def stage_a_losses(m2p, batch: dict[str, Any], cfg) -> tuple[torch.Tensor, dict[
               music_keep=music_keep, heatmaps=False)
     weights = batch["conf"].float() * batch["frame_mask"].float()[..., None]  # (B, W, K)
     free = weights * (1.0 - known)[..., None]  # context frames are given, not learned
-    sd = float(m2p.config.pose_sigma_data)
-    lam = ((sigma ** 2 + sd ** 2) / (sigma * sd) ** 2)[:, None, None]
-    sq = ((out.x0 - target) ** 2).sum(-1)  # (B, W, K)
-    denoise = (lam * sq * free).sum() / free.sum().clamp_min(1e-8)
+    sq = ((out.x0 - target) ** 2).sum(-1)  # (B, W, K): EDGE's simple x0 loss, unweighted
+    denoise = (sq * free).sum() / free.sum().clamp_min(1e-8)
     pair = weights[:, 1:] * weights[:, :-1]
     vel_err = ((out.x0[:, 1:] - out.x0[:, :-1]) - (target[:, 1:] - target[:, :-1])).abs().sum(-1)
     vel = (vel_err * pair).sum() / pair.sum().clamp_min(1e-8)

@@ -238,8 +238,9 @@ def test_scheduled_sampling_guidance_denoises_the_target_poses(trained):
     assert heat.shape == (*batch["coords"].shape[:3], *GRID) and not heat.requires_grad
     peak = heat.flatten(-2).argmax(-1)  # (B, W, K) flat index of each joint's peak
     px = torch.stack([(peak % GRID[1] + 0.5) / GRID[1], (peak // GRID[1] + 0.5) / GRID[0]], -1)
-    guided = float((px - batch["coords"]).abs().mean())
+    arms = [3, 4, 6, 7]  # elbows and wrists: where one dance differs from another
+    guided = float((px - batch["coords"])[:, :, arms].abs().mean())
     free = m2p.sample(batch["audio_mel"], batch["audio_baseline"], ref_pose=batch["ref_pose"],
                       steps=8, generator=torch.Generator().manual_seed(0))
-    sampled = float((free - batch["coords"]).abs().mean())
+    sampled = float((free - batch["coords"])[:, :, arms].abs().mean())
     assert guided < 1.5 / GRID[1] and guided < 0.5 * sampled, (guided, sampled)

@@ -226,12 +226,10 @@ def predict_poses_for(pipe: G.DancePipeline, clip: Clip, reference: G.Reference,
 
     reference: the body the dance should start from and keep (the clip's frame 0, as generate
     uses the photo's body); ``pose_steps``: sampling steps (None: the model's default; 1: the
-    deterministic one-step prediction, the eval's ablation); ``seed``: the sampling noise.
-    Today's M2PEncoder is a regressor that hears only the music: it ignores the reference and
-    the seed, and ``pose_steps`` is not passed on until ``predict_poses`` takes it, so the
-    one-step column equals the model's."""
-    del pose_steps  # for the denoiser's predict_poses(..., pose_steps=pose_steps)
-    poses = pipe.predict_poses(song_of(clip), reference, seed=seed, window=audio_window)
+    deterministic one-step prediction, the eval's ablation); ``seed``: the sampling noise."""
+    steps = int(pose_steps or G.train_setting(pipe.meta, "pose_steps"))
+    poses = pipe.predict_poses(song_of(clip), reference, seed=seed, pose_steps=steps,
+                               window=audio_window)
     return poses.bodies()
 
 

@@ -34,7 +34,6 @@ import cv2
 import decord
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dwm.preprocess.decode import decode_size
 from dwm.preprocess.extractors.audio import AudioBatch, AudioExtractor
@@ -55,7 +54,7 @@ from dwm.training import edm
 from dwm.training.checkpoint import check_model_folder
 from dwm.training.models.animator import (VIDEO_COMPONENTS, Conditioning, conditioning_latent,
                                           denoise, load_dance_model)
-from dwm.training.models.m2p import logits_to_heatmaps
+from dwm.training.pose_sampling import dance_heatmaps, sample_dance, window_starts
 
 # What the training engine writes into every final/ folder (stage, steps, the TrainConfig, ...).
 TRAINING_INFO = "training_info.json"
@@ -64,22 +63,6 @@ TRAINING_INFO = "training_info.json"
 # ---------------------------------------------------------------------------------------------
 # windows and blending
 # ---------------------------------------------------------------------------------------------
-def window_starts(total: int, window: int, overlap: int) -> list[int]:
-    """Start frames of windows of ``window`` frames covering ``total`` frames, neighbours sharing
-    at least ``overlap`` frames; the last window ends exactly at ``total``."""
-    if total <= 0:
-        raise ValueError(f"window_starts: total must be > 0, got {total}")
-    window = max(1, int(window))
-    if total <= window:
-        return [0]
-    overlap = min(max(0, int(overlap)), window - 1)
-    stride = window - overlap
-    starts = list(range(0, total - window + 1, stride))
-    if starts[-1] + window < total:
-        starts.append(total - window)
-    return starts
-
-
 def window_weights(total: int, window: int, starts: list[int]) -> np.ndarray:
     """(len(starts), min(window, total)) blending weights: each window ramps linearly up over the
     frames it shares with the previous window and down over those it shares with the next, and
@@ -242,54 +225,44 @@ def song_frames(music: str, fps: float, max_seconds: float) -> int:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PredictedPoses:
-    heatmaps: torch.Tensor  # (T, K, H, W) float16 in [0, 1] at the M2PEncoder's grid
-    coords: np.ndarray  # (T, K, 2) in [0, 1] of the frame
+    coords: np.ndarray  # (T, K, 2) x, y in [0, 1] of the frame (a joint may leave it)
+    scores: np.ndarray  # (T, K) 1 for joints inside the frame, 0 outside
 
     def bodies(self) -> np.ndarray:
-        """(T, K, 3) with score 1, for drawing and metrics."""
-        t, k = self.coords.shape[:2]
-        return np.concatenate([self.coords, np.ones((t, k, 1), np.float32)], -1).astype(np.float32)
+        """(T, K, 3): coordinates and scores, the layout of ``pose_body`` (drawing, metrics)."""
+        return np.concatenate([self.coords, self.scores[..., None]], -1).astype(np.float32)
 
 
-@torch.no_grad()
 def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
-                  stats: dict[str, Any] | None, window: int, overlap: int,
-                  device: str | torch.device = "cpu", show_progress: bool = True) -> PredictedPoses:
-    """Heatmaps and coordinates for every frame, windows of ``window`` frames cross-faded."""
+                  stats: dict[str, Any] | None, reference_body: np.ndarray | None, *,
+                  window: int, overlap: int, steps: int, seed: int,
+                  music_guidance_scale: float = 1.0, start_from_reference: bool = True,
+                  show_progress: bool = True) -> PredictedPoses:
+    """A whole song's dance for ``reference_body`` (K, 3 in [0, 1] of the frame): the music
+    normalised as training normalised it, then :func:`sample_dance` (each window continues the
+    last by inpainting the frames they share; ``steps=1`` is the deterministic one-step
+    prediction)."""
     n_mels = int(m2p.config.n_mels)
     if mel.shape[1] != n_mels:
         raise UserFacingError(f"the checkpoint's M2PEncoder expects {n_mels} mel bands, the audio "
                               f"features have {mel.shape[1]}")
-    mel_n = Normaliser(stats, "audio_mel", n_mels)(mel)
-    base_n = Normaliser(stats, "audio_baseline", contract.AUDIO_BASELINE_DIM)(baseline)
-    total = mel.shape[0]
-    starts = window_starts(total, window, overlap)
-    weights = window_weights(total, window, starts)
-    length = min(window, total)
-    p = next(m2p.parameters())
-    heat_parts, coord_parts = [], []
-    for s in progress(starts, desc="poses from music", unit="window", disable=not show_progress,
-                  leave=False):
-        a = torch.from_numpy(mel_n[s : s + length])[None].to(p.device, p.dtype)
-        b = torch.from_numpy(base_n[s : s + length])[None].to(p.device, p.dtype)
-        out = m2p(a, b)
-        # half precision on the host: a long song's heatmaps are the biggest array here
-        heat_parts.append(logits_to_heatmaps(out.heatmap_logits[0]).cpu().half())
-        coord_parts.append(out.coords[0].float().cpu())
-    heat = blend_windows(heat_parts, starts, weights, total).clamp_(0.0, 1.0)
-    coords = blend_windows(coord_parts, starts, weights, total).numpy()
-    return PredictedPoses(heatmaps=heat, coords=np.clip(coords, 0.0, 1.0).astype(np.float32))
-
-
-def heatmaps_on_grid(heatmaps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(T, K, H, W) -> (T, K, h, w) by bilinear resampling, as stage B/C feed M2P heatmaps."""
-    if tuple(heatmaps.shape[-2:]) == tuple(grid):
-        return heatmaps
-    out = torch.empty((*heatmaps.shape[:2], *grid), dtype=heatmaps.dtype)
-    for a in range(0, heatmaps.shape[0], 64):  # in chunks: float32 only 64 frames at a time
-        out[a : a + 64] = F.interpolate(heatmaps[a : a + 64].float(), size=grid, mode="bilinear",
-                                        align_corners=False).to(heatmaps.dtype)
-    return out
+    feats = np.concatenate([Normaliser(stats, "audio_mel", n_mels)(mel),
+                            Normaliser(stats, "audio_baseline", contract.AUDIO_BASELINE_DIM)(
+                                baseline)], axis=1)
+    window = max(2, min(int(window), feats.shape[0]))
+    overlap = min(max(1, int(overlap)), window - 1)
+    bar = progress(total=len(window_starts(feats.shape[0], window, overlap)),
+                   desc="poses from music", unit="window", disable=not show_progress,
+                   leave=False)
+    try:
+        dance = sample_dance(m2p, feats, reference_body, window=window, overlap=overlap,
+                             steps=steps, generator=torch.Generator().manual_seed(int(seed)),
+                             music_guidance_scale=music_guidance_scale,
+                             start_from_reference=start_from_reference,
+                             progress=lambda done, total: bar.update(1))
+    finally:
+        bar.close()
+    return PredictedPoses(coords=dance.coords, scores=dance.scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +492,11 @@ class DanceSettings:
     pose_guidance_scale: float = 1.0
     window: int = 24
     overlap: int = 6
-    pose_window: int = 0  # 0: the training run's audio_window
+    pose_window: int = 0  # frames per pose window (0: the training run's audio_window)
+    pose_overlap: int = 0  # frames each pose window continues from the last (0: window / 4)
+    pose_steps: int = 16  # Heun steps of the pose denoiser (1: the deterministic one-step)
+    music_guidance_scale: float = 1.0  # classifier-free guidance on the music (1: off)
+    start_from_reference: bool = True  # frame 0 of the dance = the photo's pose
 
     @classmethod
     def from_config(cls, cfg: C.GenerateConfig) -> DanceSettings:
@@ -546,9 +523,12 @@ def check_settings(settings: DanceSettings) -> tuple[int, int]:
     if settings.window < 1 or not 0 <= settings.overlap < settings.window:
         raise C.ConfigError(f"window={settings.window}, overlap={settings.overlap}: need "
                             "window >= 1 and 0 <= overlap < window")
-    if settings.pose_window < 0:
-        raise C.ConfigError(f"pose_window={settings.pose_window}: must be >= 0 (0: the "
-                            "training run's audio_window)")
+    if settings.pose_steps < 1:
+        raise C.ConfigError(f"pose_steps={settings.pose_steps}: must be >= 1")
+    if settings.pose_window < 0 or settings.pose_overlap < 0:
+        raise C.ConfigError(f"pose_window={settings.pose_window}, pose_overlap="
+                            f"{settings.pose_overlap}: must be >= 0 (0: the training run's "
+                            "audio_window, and a quarter of it)")
     return parse_resolution(settings.resolution)
 
 
@@ -626,12 +606,19 @@ class DancePipeline:
 
     # -- 4 ------------------------------------------------------------------------------------
     def predict_poses(self, song: SongFeatures, reference: Reference, *, seed: int = 42,
-                      window: int = 0) -> PredictedPoses:
-        """The dance: a pose per frame of the song, from the music."""
-        audio_window = int(window or train_setting(self.meta, "audio_window"))
+                      pose_steps: int = 16, window: int = 0, overlap: int = 0,
+                      music_guidance_scale: float = 1.0,
+                      start_from_reference: bool = True) -> PredictedPoses:
+        """The dance: a pose per frame of the song, from the music, in the proportions and the
+        place of the person in the photo (the M2PEncoder works in the reference body's units).
+        A different ``seed`` gives a different dance; ``pose_steps=1`` the one-step prediction."""
+        window = int(window or train_setting(self.meta, "audio_window"))
         return predict_poses(self.model.m2p, song.mel, song.baseline, self.meta["norm_stats"],
-                             audio_window, max(1, audio_window // 4), self.device,
-                             self.show_progress)
+                             reference.body, window=window, overlap=int(overlap or window // 4),
+                             steps=int(pose_steps), seed=seed,
+                             music_guidance_scale=music_guidance_scale,
+                             start_from_reference=start_from_reference,
+                             show_progress=self.show_progress)
 
     # -- 5 ------------------------------------------------------------------------------------
     def prepare_latents(self, num_frames: int, size: tuple[int, int],
@@ -661,7 +648,7 @@ class DancePipeline:
                                   f"the checkpoint's UNet expects {clip_dim}; use the models it "
                                   "was trained with (models.profile / models.clip)")
         sf = reference.scaling_factor
-        return sample_latents(model, heatmaps_on_grid(poses.heatmaps, grid),
+        return sample_latents(model, dance_heatmaps(model.m2p, poses.coords, grid),
                               torch.from_numpy(reference.latent) * sf, clip_embed,
                               torch.from_numpy(reference.face_embed), reference.face_detected,
                               sf, settings, generator, self.show_progress, noise=noise)
@@ -690,7 +677,10 @@ class DancePipeline:
         reference = self.encode_reference(reference_image, *size, fps=settings.fps)
         song = self.encode_music(music, settings.fps, settings.max_seconds)
         poses = self.predict_poses(song, reference, seed=settings.seed,
-                                   window=settings.pose_window)
+                                   pose_steps=settings.pose_steps, window=settings.pose_window,
+                                   overlap=settings.pose_overlap,
+                                   music_guidance_scale=settings.music_guidance_scale,
+                                   start_from_reference=settings.start_from_reference)
         out = DanceOutput(poses=poses, reference=reference, song=song, size=size)
         if on_poses is not None:
             on_poses(out)

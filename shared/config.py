@@ -294,7 +294,7 @@ class AppConfig:
     seed: int = 42
     max_seconds: float = 10.0  # the length slider starts here
     longest_seconds: float = 60.0  # the length slider's end
-    pose_steps: int = 25  # pose-model denoising steps (used once the pose model takes steps)
+    pose_steps: int = 16  # Heun steps of the pose denoiser (1: the deterministic one-step)
     # fixed for the session: generation settings as `dwm generate` names them
     steps: int = 25
     fps: float = 24.0

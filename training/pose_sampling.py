@@ -31,11 +31,15 @@ class Dance:
 
 
 def window_starts(total: int, window: int, overlap: int) -> list[int]:
-    """First frames of the windows covering ``total`` frames; the last one ends at ``total``."""
+    """Start frames of windows of ``window`` frames covering ``total`` frames, neighbours sharing
+    at least ``overlap`` frames; the last window ends exactly at ``total``."""
+    if total <= 0:
+        raise ValueError(f"window_starts: total must be > 0, got {total}")
+    window = max(1, int(window))
     if total <= window:
         return [0]
-    hop = max(1, window - overlap)
-    starts = list(range(0, total - window + 1, hop))
+    overlap = min(max(0, int(overlap)), window - 1)
+    starts = list(range(0, total - window + 1, window - overlap))
     if starts[-1] + window < total:
         starts.append(total - window)
     return starts

@@ -23,6 +23,7 @@ from dwm.shared import storage
 from dwm.shared.errors import UserFacingError
 from dwm.shared.config import PreprocessConfig, apply_overrides, flatten, to_dict
 
+from .extractors.keypoints_file import is_sidecar
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
 
 REPORT_NAME = "report.json"
@@ -64,7 +65,9 @@ def required_components(cfg: PreprocessConfig) -> list[str]:
 
 
 def discover(input_dir: str, exclude: list[str]) -> list[str]:
-    """Every regular, non-hidden file under input_dir (sorted); content decides later."""
+    """Every regular, non-hidden file under input_dir (sorted); content decides later. Keypoint
+    sidecars (``*.keypoints.json``, read with their video by ``pose.backend=file``) are not
+    candidates."""
     excl = [os.path.realpath(e) for e in exclude]
     found = []
     for dirpath, dirs, files in os.walk(input_dir, followlinks=False):
@@ -74,7 +77,7 @@ def discover(input_dir: str, exclude: list[str]) -> list[str]:
         if any(real == e for e in excl):
             continue
         for f in sorted(files):
-            if f.startswith("."):
+            if f.startswith(".") or is_sidecar(f):
                 continue
             p = os.path.join(dirpath, f)
             if os.path.isfile(p):

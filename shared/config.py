@@ -69,7 +69,8 @@ class AudioConfig:
 
 @dataclass
 class PoseConfig:
-    backend: Literal["dwpose", "mediapipe"] = "dwpose"
+    # "file": no model; keypoints from <video stem>.keypoints.json beside each video (README)
+    backend: Literal["dwpose", "mediapipe", "file"] = "dwpose"
     heatmap_downsample: int = 8  # heatmaps at latent resolution (image / 8)
     heatmap_sigma: float = 1.5  # Gaussian sigma, in heatmap pixels
     min_score: float = 0.3  # keypoints below this score count as missing
@@ -240,7 +241,8 @@ class GenerateConfig:
     window: int = 24  # frames per denoising window
     overlap: int = 6  # frames shared by neighbouring windows, blended
     pose_window: int = 0  # M2PEncoder window in frames (0: the training run's audio_window)
-    pose_backend: Literal["", "dwpose", "mediapipe"] = ""  # locating the person ("": profile's)
+    # locating the person ("": the training data's); "file": <photo stem>.keypoints.json beside it
+    pose_backend: Literal["", "dwpose", "mediapipe", "file"] = ""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on cuda, fp32 on cpu
     quiet: bool = False  # no progress bars
     models: ModelsConfig = field(default_factory=ModelsConfig)

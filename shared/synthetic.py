@@ -8,6 +8,7 @@ Score of the clips is meaningfully above chance.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 import soundfile as sf
 
-from .contract import BODY_LIMBS
+from .contract import BODY_LIMBS, KEYPOINTS_SIDECAR_SUFFIX
 
 AUDIO_SR = 22050
 
@@ -89,16 +90,20 @@ def render_frame(pts: np.ndarray, width: int, height: int, hue: int = 0) -> np.n
 
 
 def make_dance_clip(path: str | Path, seconds: float = 4.0, bpm: float = 120.0, fps: float = 24.0,
-                    width: int = 288, height: int = 512, seed: int = 0, audio: bool = True) -> Path:
-    """Write an mp4 of the stick-figure dancer moving on the beat of its own track."""
+                    width: int = 288, height: int = 512, seed: int = 0, audio: bool = True,
+                    keypoints: bool = False) -> Path:
+    """Write an mp4 of the stick-figure dancer moving on the beat of its own track; with
+    ``keypoints``, also its true poses as ``<stem>.keypoints.json`` (``pose.backend=file``)."""
     from .media import write_video
 
     path = Path(path)
     rng = np.random.default_rng(seed)
     phase, hue = float(rng.uniform(0, 2 * math.pi)), int(rng.integers(0, 180))
     n = int(round(seconds * fps))
-    frames = (render_frame(dancer_pose(i / fps, bpm, width, height, phase), width, height, hue)
-              for i in range(n))
+    poses = [dancer_pose(i / fps, bpm, width, height, phase) for i in range(n)]
+    if keypoints:
+        write_keypoints_file(path, np.stack(poses), fps, width, height)
+    frames = (render_frame(pts, width, height, hue) for pts in poses)
     wav = None
     if audio:
         wav = path.with_suffix(".wav")
@@ -118,3 +123,26 @@ def make_demo_corpus(out_dir: str | Path, n: int = 3, seconds: float = 4.0, **kw
     bpms = np.linspace(100, 140, n) if n > 1 else [120.0]
     return [make_dance_clip(out_dir / f"synthetic_{i:02d}_{int(b)}bpm.mp4", seconds, float(b),
                             seed=i, **kw) for i, b in enumerate(bpms)]
+
+
+def keypoints_document(body: np.ndarray, fps: float, width: int, height: int) -> dict:
+    """(T, 18, 2) pixels (or (T, 18, 3) with scores) -> the ``pose.backend=file`` JSON document
+    (OpenPose-18 layout); points outside the frame get score 0."""
+    body = np.asarray(body, np.float64)
+    if body.shape[-1] == 2:
+        inside = ((body[..., 0] >= 0) & (body[..., 0] < width) & (body[..., 1] >= 0)
+                  & (body[..., 1] < height))
+        body = np.concatenate([body, inside[..., None].astype(np.float64)], axis=-1)
+    frames = [[[round(float(x), 2), round(float(y), 2), round(float(c), 3)] for x, y, c in f]
+              for f in body]
+    return {"layout": "openpose_18", "fps": float(fps), "width": int(width), "height": int(height),
+            "frames": frames}
+
+
+def write_keypoints_file(video_path: str | Path, body: np.ndarray, fps: float, width: int,
+                         height: int) -> Path:
+    """Write ``<video stem>.keypoints.json`` beside ``video_path``."""
+    video_path = Path(video_path)
+    out = video_path.with_name(video_path.stem + KEYPOINTS_SIDECAR_SUFFIX)
+    out.write_text(json.dumps(keypoints_document(body, fps, width, height)))
+    return out

@@ -4,12 +4,17 @@ The project ships no third-party footage, so ``just demo`` makes its own: a stic
 with a face, whose arms, hips and knees move on the beat of a click-and-bass track. The motion is
 tied to the beat so that stage A has something real to learn (music -> pose) and the Beat Align
 Score of the clips is meaningfully above chance.
+
+:func:`choreography` is the known-answer corpus of stage A's test: one of :data:`MOVES` on every
+beat, chosen at random, at any placement and size; :func:`classify_moves` / :func:`valid_moves`
+check a pose sequence against it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -146,3 +151,187 @@ def write_keypoints_file(video_path: str | Path, body: np.ndarray, fps: float, w
     out = video_path.with_name(video_path.stem + KEYPOINTS_SIDECAR_SUFFIX)
     out.write_text(json.dumps(keypoints_document(body, fps, width, height)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Choreography: one of a few arm moves on every beat, chosen at random (a known answer)
+# ---------------------------------------------------------------------------------------------
+# Music to dance is one-to-many: the beat says *when* a move happens, not *which*. A corpus
+# where each beat carries one of ``MOVES`` at random has a known answer a model can be checked
+# against: a sample must make one valid move per beat, on the beat, and different samples
+# choose differently. A regressor averages the moves into one that never happens.
+MOVES = ("right_arm_circle", "left_arm_circle", "both_arms_wave")
+
+# The body, in body units: the neck is the origin, y points down, torso (neck to mid-hip) = 1.
+_TORSO, _SHOULDER = 1.0, 0.38
+_ELBOW_RATIO, _ELBOW_BEND = 0.55, 0.3  # elbow: that share of the shoulder-wrist line, rotated
+_HIP, _THIGH, _SHIN = 0.22, 0.9, 0.85
+_BODY_TOP, _BODY_BOTTOM = -0.75, _TORSO + _THIGH + _SHIN + 0.05  # head top, feet
+BODY_HEIGHT_UNITS = _BODY_BOTTOM - _BODY_TOP
+_REST_WRIST = (0.2, 0.8)  # wrist at rest, from the shoulder (x outward, y down)
+# Per move and arm ("r": the dancer's right = image left, "l"): the wrist's loop over one beat,
+# (direction from the rest position to the top of the loop (x outward, y down), radius,
+# turn +1/-1), or None for an arm at rest. The wrist goes round a circle at a speed that is
+# zero only on the beat, so a move's only motion beat is the music's beat.
+_MOVE_ARMS = {
+    0: {"r": ((0.6, -0.8), 0.42, 1.0), "l": None},
+    1: {"r": None, "l": ((0.6, -0.8), 0.42, 1.0)},
+    2: {"r": ((-0.45, -0.9), 0.4, -1.0), "l": ((-0.45, -0.9), 0.4, -1.0)},
+}
+
+
+@dataclass
+class Choreography:
+    """A generated dance: per-frame OpenPose-18 keypoints and the move of every beat."""
+
+    keypoints: np.ndarray  # (T, 18, 3): x, y in [0, 1] of the frame (x to width), score
+    beat_frames: np.ndarray  # (N,) float frame positions of the beats (first beat at frame 0)
+    moves: np.ndarray  # (N,) int: the move (index into MOVES) from beat i to beat i + 1
+    fps: float
+    bpm: float
+    width: int
+    height: int
+    centre: tuple[float, float]  # where the body's mid-torso is, in [0, 1] of the frame
+    scale: float  # body height as a fraction of the frame height
+
+
+def _ease(phase: np.ndarray) -> np.ndarray:
+    """[0, 1] -> [0, 1] with zero slope only at both ends: the dancer stops on the beat."""
+    return phase - np.sin(2 * np.pi * phase) / (2 * np.pi)
+
+
+def _wrist_path(move: int, side: str, phase: np.ndarray) -> np.ndarray:
+    """(P, 2) wrist offsets from the shoulder (x outward, y down) over a beat, phase in [0, 1]."""
+    rest = np.broadcast_to(np.array(_REST_WRIST), (len(phase), 2)).copy()
+    spec = _MOVE_ARMS[int(move)][side] if move >= 0 else None
+    if spec is None:
+        return rest
+    (dx, dy), radius, turn = spec
+    d = np.array([dx, dy]) / math.hypot(dx, dy)
+    angle = turn * 2 * np.pi * _ease(phase)
+    # from the circle's centre (rest + radius * d) the wrist starts at -d (the rest position)
+    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    rot = np.concatenate([-d[0] * cos + d[1] * sin, -d[0] * sin - d[1] * cos], -1)
+    return rest + radius * (d[None] + rot)
+
+
+def _elbow(wrist: np.ndarray) -> np.ndarray:
+    """The elbow part-way along the shoulder-to-wrist line, bent outward by a fixed angle: it
+    moves with the wrist at a fixed ratio of its speed, so the whole arm stops only where the
+    wrist does (exact bone lengths matter less here than a clean speed profile)."""
+    c, s = math.cos(_ELBOW_BEND), math.sin(_ELBOW_BEND)
+    return _ELBOW_RATIO * np.stack([c * wrist[:, 0] + s * wrist[:, 1],
+                                    -s * wrist[:, 0] + c * wrist[:, 1]], -1)
+
+
+def body_units_pose(move_of_frame: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """(T, 18, 2) joints in body units (neck at 0, torso 1) for each frame's move and phase."""
+    n = len(phase)
+    pts = np.zeros((n, 18, 2))
+    pts[:, 0] = (0.0, -0.42)  # nose
+    for side, sh_i, sign in (("r", 2, -1.0), ("l", 5, 1.0)):
+        wrist = np.empty((n, 2))
+        for m in np.unique(move_of_frame):
+            sel = move_of_frame == m
+            wrist[sel] = _wrist_path(int(m), side, phase[sel])
+        flip = np.array([sign, 1.0])  # outward is -x for the right arm (image left)
+        shoulder = np.array([sign * _SHOULDER, 0.05])
+        pts[:, sh_i] = shoulder
+        pts[:, sh_i + 1] = shoulder + _elbow(wrist) * flip
+        pts[:, sh_i + 2] = shoulder + wrist * flip
+    for hip_i, sign in ((8, -1.0), (11, 1.0)):
+        hip = np.array([sign * _HIP, _TORSO])
+        knee = hip + [sign * 0.04, _THIGH]
+        pts[:, hip_i], pts[:, hip_i + 1], pts[:, hip_i + 2] = hip, knee, knee + [0.0, _SHIN]
+    nose = pts[:, 0]
+    pts[:, 14], pts[:, 15] = nose + (-0.1, -0.08), nose + (0.1, -0.08)  # eyes
+    pts[:, 16], pts[:, 17] = nose + (-0.2, -0.02), nose + (0.2, -0.02)  # ears
+    return pts
+
+
+def choreography(seconds: float, bpm: float = 120.0, fps: float = 24.0, *, width: int = 256,
+                 height: int = 448, centre: tuple[float, float] = (0.5, 0.5),
+                 scale: float = 0.8, seed: int = 0,
+                 moves: np.ndarray | None = None) -> Choreography:
+    """A dancer who makes one of :data:`MOVES` on every beat (``seed`` picks them, or give
+    ``moves``), standing with the mid-torso at ``centre`` ([0, 1] of the frame) and as tall as
+    ``scale`` of the frame height. Beats fall at t = i * 60 / bpm, as in :func:`beat_track`."""
+    n = int(round(seconds * fps))
+    period = fps * 60.0 / bpm  # frames per beat
+    beats = np.arange(0.0, n, period)
+    if moves is None:
+        moves = np.random.default_rng(seed).integers(0, len(MOVES), len(beats))
+    moves = np.asarray(moves, np.int64)
+    if len(moves) < len(beats):
+        raise ValueError(f"{len(beats)} beats need as many moves, got {len(moves)}")
+    f = np.arange(n, dtype=np.float64)
+    beat_i = np.minimum((f / period).astype(np.int64), len(beats) - 1)
+    phase = f / period - beat_i
+    units = body_units_pose(moves[beat_i], phase)
+    px = height * scale / BODY_HEIGHT_UNITS  # pixels per body unit
+    mid_torso_units = np.array([0.0, _TORSO / 2])
+    xy = (units - mid_torso_units) * px + np.array([centre[0] * width, centre[1] * height])
+    kp = np.concatenate([xy / np.array([width, height]), np.ones((n, 18, 1))], -1)
+    return Choreography(keypoints=kp.astype(np.float32), beat_frames=beats,
+                        moves=moves[: len(beats)], fps=float(fps), bpm=float(bpm), width=width,
+                        height=height, centre=(float(centre[0]), float(centre[1])),
+                        scale=float(scale))
+
+
+_ARM_JOINTS = (3, 4, 6, 7)  # elbows and wrists: where the moves differ
+_CHECK_POINTS = 16  # samples per beat interval
+
+
+def _to_body_units(coords: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(T, 18, 2) in [0, 1] -> body units of that dancer: neck at 0, torso (neck to mid-hip) 1,
+    measured per clip (median), so placement and size do not matter."""
+    px = coords[..., :2] * np.array([width, height])
+    neck = px[:, 1]
+    mid_hip = (px[:, 8] + px[:, 11]) / 2
+    torso = float(np.median(np.linalg.norm(mid_hip - neck, axis=-1)))
+    return (px - neck[:, None]) / max(torso, 1e-6)
+
+
+def move_templates() -> np.ndarray:
+    """(len(MOVES) + 1, _CHECK_POINTS, 4, 2): each move's elbows and wrists over a beat in body
+    units; the last entry is the arms at rest."""
+    phase = np.linspace(0.0, 1.0, _CHECK_POINTS)
+    out = [body_units_pose(np.full(_CHECK_POINTS, m), phase)[:, _ARM_JOINTS]
+           for m in (*range(len(MOVES)), -1)]
+    return np.stack(out)
+
+
+def classify_moves(coords: np.ndarray, beat_frames: np.ndarray, width: int, height: int,
+                   tolerance: float = 0.12, max_shift: float = 2.0) -> np.ndarray:
+    """The move made in each beat interval (index into :data:`MOVES`), or -1 where it is none of
+    them: the RMS distance of elbows and wrists to every move's path, in torso lengths, is above
+    ``tolerance`` (a move up to ``max_shift`` frames early or late still counts), or the arms
+    stay nearest to rest. One entry per beat whose next beat lies inside the clip.
+
+    ``coords``: (T, 18, 2 or 3) in [0, 1] of a ``width`` x ``height`` frame."""
+    units = _to_body_units(np.asarray(coords, np.float64), width, height)[:, _ARM_JOINTS]
+    templates = move_templates()
+    t = np.arange(len(units), dtype=np.float64)
+    beats = np.asarray(beat_frames, np.float64)
+    labels = []
+    for a, b in zip(beats[:-1], beats[1:]):
+        if b > len(units) - 1:
+            break
+        best_err = np.full(len(templates), np.inf)
+        for shift in np.arange(-max_shift, max_shift + 0.5, 0.5):
+            at = np.clip(np.linspace(a, b, _CHECK_POINTS) + shift, 0, len(units) - 1)
+            traj = np.stack([np.stack([np.interp(at, t, units[:, j, c]) for c in range(2)], -1)
+                             for j in range(units.shape[1])], 1)  # (P, 4, 2)
+            err = np.sqrt(((templates - traj[None]) ** 2).sum(-1).mean(axis=(1, 2)))
+            best_err = np.minimum(best_err, err)
+        best = int(np.argmin(best_err))
+        labels.append(best if best < len(MOVES) and best_err[best] <= tolerance else -1)
+    return np.asarray(labels, np.int64)
+
+
+def valid_moves(coords: np.ndarray, beat_frames: np.ndarray, width: int, height: int,
+                tolerance: float = 0.12, max_shift: float = 2.0) -> float:
+    """Share of beat intervals in which ``coords`` make one of :data:`MOVES` (see
+    :func:`classify_moves`)."""
+    labels = classify_moves(coords, beat_frames, width, height, tolerance, max_shift)
+    return float((labels >= 0).mean()) if len(labels) else 0.0

@@ -146,10 +146,11 @@ def test_beat_align_score_known_answers():
     assert M.beat_align_score(_body(100), on_beat[:5], fps) == 0.0
 
 
-def _stop_and_go(beat_frames, n: int) -> np.ndarray:
-    """The body glides right at constant speed and briefly stops (a 1-frame dip) on each beat."""
+def _stop_and_go(beat_frames, n: int, width: float = 1.0) -> np.ndarray:
+    """The body glides right at constant speed and briefly stops (a dip of ``width`` frames) on
+    each beat."""
     t = np.arange(n)
-    dips = np.exp(-((t[:, None] - np.asarray(beat_frames)[None]) ** 2) / 2).sum(1)
+    dips = np.exp(-((t[:, None] - np.asarray(beat_frames)[None]) ** 2) / (2 * width**2)).sum(1)
     speed = 1.0 - 0.9 * np.clip(dips, 0, 1)
     x = (np.cumsum(speed) - 0.5 * speed) * 0.004  # central differences give back `speed`
     body = _body(n)
@@ -182,27 +183,194 @@ def test_bas_ignores_low_confidence_joints():
     )
 
 
-# ---- diversity / baseline --------------------------------------------------------------------
-def test_pose_diversity():
-    a = _oscillating_motion(2.0, 24, 1.0)
-    b = _oscillating_motion(2.0, 24, 0.5)
-    c = _body(48)
-    c[..., 1] += np.linspace(0, 0.3, 48)[:, None]
-    assert M.pose_diversity([a, a, a]) == 0.0
-    assert M.pose_diversity([a, b, c]) > M.pose_diversity([a, a, b]) > 0.0
-    feats = np.stack([M.kinetic_features(s, 24) for s in (a, b, c)])
-    assert feats.shape == (3, 4 * 18)
-    assert M.pose_diversity(feats) == pytest.approx(M.pose_diversity([a, b, c]))
-    # standardised by a reference: scale-free
-    ref = [a, b, c]
-    assert M.pose_diversity(feats * 1.0, reference=feats) == pytest.approx(
-        M.pose_diversity(feats * 10.0, reference=feats * 10.0)
-    )
+# ---- beat precision / recall / F1: a frozen, jittering or off-beat pose cannot pass ------------
+def test_beat_scores_of_a_dance_that_stops_on_every_beat_at_any_fps():
+    for fps in (24, 60):
+        beats = np.round(np.arange(0.5, 7.5, 0.5) * fps).astype(int)  # 120 BPM
+        motion = _stop_and_go(beats, int(8 * fps), width=fps / 24)
+        s = M.beat_scores(motion, beats, fps)
+        assert s == pytest.approx({"beat_precision": 1.0, "beat_recall": 1.0, "beat_f1": 1.0,
+                                   "bas": 1.0}, abs=1e-6), fps
+        # the tolerance is a time: 0.05 s late is a hit at both rates, 0.15 s late a miss
+        assert M.beat_scores(motion, beats + round(0.05 * fps), fps)["beat_f1"] == 1.0
+        assert M.beat_scores(motion, beats + round(0.15 * fps), fps)["beat_f1"] == 0.0
+
+
+def test_frozen_pose_has_no_beats_and_no_speed():
+    fps, beats = 24, np.arange(12, 180, 12)
+    frozen = _body(192)
+    assert M.motion_beats(frozen, fps).size == 0
+    assert M.beat_scores(frozen, beats, fps) == {"beat_precision": 0.0, "beat_recall": 0.0,
+                                                 "beat_f1": 0.0, "bas": 0.0}
+    # a model that only wobbles by numerical noise is still frozen: no beats at random
+    wobble = frozen.copy()
+    wobble[..., :2] += np.random.default_rng(0).normal(0, 1e-5, wobble[..., :2].shape)
+    assert M.beat_scores(wobble, beats, fps)["beat_f1"] == 0.0
+    real = _oscillating_motion(8.0, fps, 1.0)
+    assert M.speed_accel_ratios(frozen, real, fps) == {"speed_ratio": 0.0, "accel_ratio": 0.0}
+    assert np.all(M.motion_speed(frozen, fps) == 0.0)
+
+
+def test_stopping_everywhere_keeps_bas_but_not_precision():
+    # BAS averages over music beats only: a motion that stops on every beat AND twice in
+    # between scores as well as the dance, beat precision sees the extra stops (80 BPM)
+    fps, beats = 24, np.arange(18, 186, 18)
+    dance = _stop_and_go(beats, 192)
+    busy = _stop_and_go(np.arange(6, 186, 6), 192)  # includes every beat
+    d, b = M.beat_scores(dance, beats, fps), M.beat_scores(busy, beats, fps)
+    assert b["bas"] == pytest.approx(d["bas"]) == pytest.approx(1.0)
+    assert b["beat_recall"] == 1.0 and b["beat_precision"] == pytest.approx(1 / 3, abs=0.02)
+    assert b["beat_f1"] < 0.55 < d["beat_f1"]
+    # random jitter around a standing pose: precision near chance (the +-1-frame window over the
+    # 12-frame beat period, 1/4), far below the dance's
+    beats = np.arange(12, 180, 12)
+    rng = np.random.default_rng(1)
+    precision = []
+    for _ in range(10):
+        jitter = _body(192)
+        jitter[..., :2] += rng.normal(0, 0.01, jitter[..., :2].shape)
+        precision.append(M.beat_scores(jitter, beats, fps)["beat_precision"])
+    assert np.mean(precision) < 0.4
+    assert M.speed_accel_ratios(jitter, dance, fps)["accel_ratio"] > 5
+
+
+def test_beat_scores_edge_cases():
+    motion = _oscillating_motion(4.0, 24, 1.0)
+    empty = M.beat_scores(motion, [500, -3], 24)  # no music beat inside the clip
+    assert set(empty) == {"beat_precision", "beat_recall", "beat_f1", "bas"}
+    assert all(math.isnan(v) for v in empty.values())
+    # each music beat pairs with one motion beat only: two beats on one stop = recall 1/2
+    s = M.beat_scores(motion, [12, 13], 24)
+    assert s["beat_recall"] == 0.5
+
+
+def test_music_beats_from_the_audio_baseline():
+    base = np.zeros((40, contract.AUDIO_BASELINE_DIM), np.float16)
+    base[[3, 15, 27], -1] = 1.0
+    assert M.music_beats(base).tolist() == [3, 15, 27]
+    standardised = (base.astype(np.float32) - 0.075) / 0.26  # as the loader's norm stats do
+    assert M.music_beats(standardised).tolist() == [3, 15, 27]
+    assert M.music_beats(np.zeros((40, 35))).size == 0
+    assert M.music_beats(torch.from_numpy(standardised)).tolist() == [3, 15, 27]
+
+
+# ---- kinetic features, FID_k, Div_k ------------------------------------------------------------
+def test_kinetic_features_known_values():
+    fps = 24
+    motion = _body(30)
+    motion[:, 4, 0] += np.arange(30) * 0.01  # the right wrist glides right at 0.24 / s
+    f = M.kinetic_features(motion, fps)
+    k = contract.NUM_BODY_JOINTS
+    assert f.shape == (3 * k,)
+    assert f[4] == pytest.approx(0.5 * 0.24**2)  # horizontal kinetic energy
+    assert f[k + 4] == pytest.approx(0.0) and f[2 * k + 4] == pytest.approx(0.0, abs=1e-9)
+    assert np.delete(f, [4]) == pytest.approx(0.0, abs=1e-9)  # nothing else moves
+    motion[:, 5, 2] = 0.0  # a joint never seen: zeros, not NaN
+    assert np.isfinite(M.kinetic_features(motion, fps)).all()
     with pytest.raises(ValueError):
-        M.pose_diversity([a])
-    assert M.pose_diversity(np.stack([a, b]), reference=ref) > 0
+        M.kinetic_features(motion[:2], fps)
 
 
+def _dance_corpus(n: int, seed: int, frames: int = 96, fps: float = 24.0) -> np.ndarray:
+    """n "real" dances: every limb swings at its own tempo, amplitude and phase per clip."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames)[:, None] / fps
+    out = _body(frames)[None].repeat(n, 0)
+    for i in range(n):
+        amp = rng.uniform(0.03, 0.08, (1, 18, 2))
+        freq = rng.choice([1.0, 2.0], (1, 18, 1))
+        phase = rng.uniform(0, 2 * np.pi, (1, 18, 2))
+        out[i, :, :, :2] += amp * np.sin(2 * np.pi * freq * t[..., None] + phase)
+    return out
+
+
+def test_fid_k_and_div_k_see_averaging_and_freezing():
+    real, other = _dance_corpus(24, seed=0), _dance_corpus(24, seed=1)
+    # the regressor's failure: the average of the valid dances (of 2, of 4 at a time)
+    averaged2 = np.stack([real[i : i + 2].mean(0) for i in range(0, 24, 2)] * 2)
+    averaged = np.stack([real[i : i + 4].mean(0) for i in range(0, 24, 4)] * 4)
+    frozen = _body(96)[None].repeat(24, 0)
+    assert M.fid_k(real, real) == pytest.approx(0.0, abs=1e-6)
+    fid_other, fid_avg2, fid_avg = (M.fid_k(x, real) for x in (other, averaged2, averaged))
+    assert 2 * fid_other < fid_avg2 < fid_avg < M.fid_k(frozen, real)
+    div_real = M.div_k(real, reference=real)
+    assert M.div_k(other, reference=real) == pytest.approx(div_real, rel=0.3)
+    assert M.div_k(averaged, reference=real) < 0.7 * div_real
+    assert M.div_k(frozen, reference=real) == 0.0
+    # features or sequences, arrays or lists: the same numbers
+    feats = np.stack([M.kinetic_features(s, 24) for s in real])
+    assert M.div_k(list(real), reference=feats) == pytest.approx(div_real)
+    assert M.fid_k(feats[:3], feats) == pytest.approx(M.fid_k(real[:3], list(real)))
+    assert M.div_k(feats) > 0
+    with pytest.raises(ValueError):
+        M.div_k(real[:1])
+    with pytest.raises(ValueError):
+        M.fid_k(feats[:, :5], feats)
+
+
+def test_fid_k_small_n_stays_finite_and_ordered():
+    # fewer clips than features (N << D = 54): the shrunk covariances keep it defined
+    real = _dance_corpus(5, seed=2)
+    near = real + np.random.default_rng(0).normal(0, 1e-3, real.shape) * [1, 1, 0]
+    assert math.isfinite(M.fid_k(real[:1], real)) and M.fid_k(real[:1], real[:1]) == 0.0
+    assert M.fid_k(near, real) < M.fid_k(real.mean(0, keepdims=True).repeat(5, 0), real)
+
+
+# ---- speed, reference consistency, seed diversity ----------------------------------------------
+def test_speed_accel_ratios_of_a_faster_dance():
+    fps = 24
+    real = _oscillating_motion(8.0, fps, 2.0)
+    assert M.speed_accel_ratios(real, real, fps) == pytest.approx(
+        {"speed_ratio": 1.0, "accel_ratio": 1.0})
+    twice = _oscillating_motion(8.0, fps, 1.0)  # the same swing at double tempo
+    r = M.speed_accel_ratios(twice, [real[:100], real[100:]], fps)
+    assert r["speed_ratio"] == pytest.approx(2.0, rel=0.03)
+    assert r["accel_ratio"] == pytest.approx(4.0, rel=0.05)
+    assert math.isnan(M.speed_accel_ratios(real, _body(50), fps)["speed_ratio"])
+
+
+def test_reference_consistency_follows_the_photo():
+    ref = _body(1)[0]
+    dance = _oscillating_motion(2.0, 24, 1.0, phase=np.pi / 2)  # starts at the reference pose
+    dance[..., 0] -= 0.1 * np.cos(np.pi / 2)
+    rc = M.reference_consistency(dance, ref)
+    assert rc["frame0_distance"] == pytest.approx(0.0, abs=1e-9)
+    assert rc["bone_length_error"] == pytest.approx(0.0, abs=1e-9)  # a rigid sway
+    assert rc["in_frame"] == 1.0
+    # the training dancers' size and place instead of the photo's: 1.5x as big, 0.2 to the left
+    other = _body(10)
+    other[..., :2] = (other[..., :2] - 0.5) * 1.5 + 0.5 - [0.2, 0.0]
+    rc = M.reference_consistency(other, ref)
+    assert rc["bone_length_error"] == pytest.approx(0.5)
+    assert rc["frame0_distance"] > 0.2
+    inside = ((other[0, :, :2] >= 0) & (other[0, :, :2] <= 1)).all(-1)
+    assert 0 < inside.mean() < 1 and rc["in_frame"] == pytest.approx(inside.mean())
+    # a head-and-shoulders portrait: only the limbs it shows are compared
+    portrait = ref.copy()
+    portrait[8:14, 2] = 0.0
+    moved = _body(4)
+    moved[:, 8:14, :2] += 0.3  # legs anywhere: not in the photo, not measured
+    assert M.reference_consistency(moved, portrait)["bone_length_error"] == pytest.approx(0.0)
+    # non-square frames: bone lengths in pixels
+    assert M.reference_consistency(other, ref, size=(256, 448))["bone_length_error"] == (
+        pytest.approx(0.5))
+    with pytest.raises(ValueError):
+        M.reference_consistency(other, ref[:10])
+
+
+def test_seed_diversity():
+    a = _oscillating_motion(2.0, 24, 1.0)
+    b = a.copy()
+    b[..., 0] += 0.1
+    assert M.seed_diversity(np.stack([a, a, a])) == 0.0  # a deterministic model
+    assert M.seed_diversity(np.stack([a, b])) == pytest.approx(0.1)
+    assert M.seed_diversity(np.stack([a, a, b])) == pytest.approx(2 * 0.1 / 3)
+    assert M.seed_diversity(np.stack([a, b]), size=(200, 100)) == pytest.approx(20.0)
+    with pytest.raises(ValueError):
+        M.seed_diversity(a[None])
+
+
+# ---- baseline ----------------------------------------------------------------------------------
 def test_mean_pose_baseline():
     p = _body(4)
     p[:2, :, 0] += 0.1
@@ -291,38 +459,29 @@ def test_temporal_consistency(clip):
 
 
 # ---- real sample: ground-truth dance vs its music --------------------------------------------
-# OpenPose-18 joint -> BlazePose landmark (neck = mid-shoulders, handled below)
-_BLAZE = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
-
-
 @pytest.fixture(scope="module")
-def sample_pose_and_beats(dance_video):
-    """MediaPipe BlazePose (bundled model, no download) on every frame at 24 fps, 180x320
-    (the video's 9:16 aspect); librosa beats of its own audio track, in frames."""
-    import decord
-    import librosa
-    import mediapipe as mp
+def sample_pose_and_beats(sample_dataset):
+    """The session's sample shards (the real dance through the project's mediapipe backend and
+    audio extractor, 24 fps): the longer video's segments put back in order, its poses and
+    music beats in frames of the whole video."""
+    from dwm.datasets import iter_tar_samples
+    from dwm.datasets.pipeline import split_urls
+    from dwm.datasets.views import decode_features, sample_meta
+    from dwm.shared.shards import load_manifest
 
-    from dwm.shared.media import load_audio
-
-    vr = decord.VideoReader(str(dance_video), width=180, height=320)
-    fps = float(vr.get_avg_fps())
-    frames = vr.get_batch(list(range(len(vr)))).asnumpy()
-    poses = np.zeros((len(frames), 18, 3), np.float32)
-    # smooth_landmarks=False: mediapipe's own temporal filter delays the motion by ~2 frames
-    with mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1,
-                                smooth_landmarks=False) as pose:  # fmt: skip
-        for i, f in enumerate(frames):
-            res = pose.process(f)
-            if res.pose_landmarks is None:
-                continue
-            lm = np.array([[p.x, p.y, p.visibility] for p in res.pose_landmarks.landmark])
-            for j, m in enumerate(_BLAZE):
-                poses[i, j] = lm[m] if m is not None else 0.5 * (lm[11] + lm[12])
-    y, sr = load_audio(dance_video, sr=22050)
-    _, beat_idx = librosa.beat.beat_track(y=y, sr=sr, hop_length=512)
-    beats = np.round(librosa.frames_to_time(beat_idx, sr=sr, hop_length=512) * fps).astype(int)
-    return poses, beats, fps
+    videos: dict[str, list] = {}
+    for url in split_urls(load_manifest(str(sample_dataset)), "all"):
+        for raw in iter_tar_samples(url):
+            meta = sample_meta(raw)
+            pose = decode_features(raw, ("pose_body",))["pose_body"]
+            videos.setdefault(meta["video_hash"], []).append((meta, np.array(pose)))
+    segments = sorted(max(videos.values(), key=len), key=lambda s: s[0]["start_frame"])
+    starts = [m["start_frame"] for m, _ in segments]
+    assert starts == list(np.cumsum([0] + [len(p) for _, p in segments[:-1]]))  # no gap
+    poses = np.concatenate([p for _, p in segments])
+    beats = np.concatenate([np.asarray(m["beat_frames"], int) + m["start_frame"]
+                            for m, _ in segments])
+    return poses, beats, float(segments[0][0]["fps"])
 
 
 @pytest.mark.filterwarnings("ignore:SymbolDatabase.GetPrototype")
@@ -330,7 +489,7 @@ def test_real_dance_beats_align_better_than_chance(sample_pose_and_beats):
     poses, beats, fps = sample_pose_and_beats
     assert fps == pytest.approx(24.0)
     assert (poses[..., 2] > 0.5).mean() > 0.8  # the dancer was found
-    assert len(beats) > 15  # ~117 BPM over 12 s
+    assert len(beats) > 10  # ~117 BPM over 7 s
     real = M.beat_align_score(poses, beats, fps)
     chance = M.random_beat_align_score(poses, len(beats), fps, trials=200, seed=0)
     # same tempo, wrong phase: beats a quarter period (about 3 frames) early/late
@@ -344,6 +503,16 @@ def test_real_dance_beats_align_better_than_chance(sample_pose_and_beats):
     assert M.beat_align_score(base, beats, fps) == 0.0
     # and the metrics agree that the real poses are a perfect match with themselves
     assert M.pck(poses[..., :2], poses[..., :2], poses[..., 2])["pck@0.1"] == 1.0
+    # beat F1 (0.43 measured) sees the same: above random beats (0.19) and the wrong phase
+    f1 = M.beat_scores(poses, beats, fps)["beat_f1"]
+    rng = np.random.default_rng(0)
+    random_f1 = np.mean([
+        M.beat_scores(poses, np.sort(rng.choice(len(poses), len(beats), replace=False)),
+                      fps)["beat_f1"]
+        for _ in range(100)])  # fmt: skip
+    off_phase_f1 = np.mean([M.beat_scores(poses, beats + s, fps)["beat_f1"] for s in shifts])
+    assert f1 > random_f1 + 0.15 and f1 > off_phase_f1 + 0.15, (f1, random_f1, off_phase_f1)
+    assert M.beat_scores(base, beats, fps)["beat_f1"] == 0.0
 
 
 # ---- plots (generate/plots.py) ---------------------------------------------------------------

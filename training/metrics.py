@@ -1,8 +1,12 @@
 """Evaluation metrics: pure functions on numpy arrays (torch tensors are accepted and converted).
 
-Stage A (music -> pose): :func:`pck`, :func:`mean_joint_error`, :func:`face_cosine`,
-:func:`beat_align_score` (+ :func:`motion_beats`, :func:`random_beat_align_score`),
-:func:`pose_diversity` (+ :func:`kinetic_features`), :func:`mean_pose_baseline`.
+Stage A (music -> pose), against the ground truth: :func:`pck`, :func:`mean_joint_error`,
+:func:`face_cosine`, :func:`mean_pose_baseline`. Motion metrics that a jittering, frozen or
+averaging model cannot pass (each is meant to be read beside the ground truth's own value):
+:func:`beat_scores` (beat precision / recall / F1 beside Bailando's :func:`beat_align_score`;
+beats from :func:`motion_beats` and :func:`music_beats`), :func:`fid_k` and :func:`div_k` (of
+:func:`kinetic_features`), :func:`speed_accel_ratios`, :func:`reference_consistency` and
+:func:`seed_diversity`.
 Stages B/C (pose/identity -> video): :func:`psnr`, :func:`ssim`, :func:`id_similarity`,
 :func:`pose_accuracy`, :func:`temporal_consistency`.
 
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
-from scipy.signal import argrelextrema
+from scipy.signal import find_peaks
 
 from dwm.shared import contract
 
@@ -29,11 +33,18 @@ __all__ = [
     "pck",
     "mean_joint_error",
     "face_cosine",
+    "motion_speed",
     "motion_beats",
+    "music_beats",
     "beat_align_score",
     "random_beat_align_score",
+    "beat_scores",
     "kinetic_features",
-    "pose_diversity",
+    "fid_k",
+    "div_k",
+    "speed_accel_ratios",
+    "reference_consistency",
+    "seed_diversity",
     "mean_pose_baseline",
     "psnr",
     "ssim",
@@ -42,6 +53,8 @@ __all__ = [
     "temporal_consistency",
     "BAILANDO_SIGMA_SECONDS",
     "BAILANDO_SMOOTH_FRAMES_AT_60",
+    "BEAT_TOLERANCE_SECONDS",
+    "MOTION_BEAT_MIN_PROMINENCE",
 ]
 
 # Bailando (Siyao et al., CVPR 2022) scores at 60 fps with exp(-d^2 / (2 * 9)), d in frames:
@@ -49,6 +62,12 @@ __all__ = [
 BAILANDO_SIGMA_SECONDS = 3.0 / 60.0
 # Bailando smooths the kinetic speed with a Gaussian of sigma 5 frames, set for 60 fps motion.
 BAILANDO_SMOOTH_FRAMES_AT_60 = 5.0
+# Beat-tracking evaluation's usual window (mir_eval's F-measure): a motion beat within 0.07 s of a
+# music beat is a hit; 1 frame either side at 24 fps, so chance precision stays near 1/4.
+BEAT_TOLERANCE_SECONDS = 0.07
+# A speed minimum is a motion beat only when the smoothed mean joint speed rises by this much
+# (frame units per second) on both sides: a still pose has no beats rather than beats at random.
+MOTION_BEAT_MIN_PROMINENCE = 0.002
 
 
 def _np(x, dtype=np.float64) -> np.ndarray:
@@ -187,11 +206,17 @@ def face_cosine(pred, target, eps: float = 1e-8) -> float:
     return float(cos.mean())
 
 
-def _mean_joint_speed(motion, min_conf: float) -> np.ndarray:
-    xy, vis = _split_pose(motion, min_conf, None)
+def _masked_xy(motion, min_conf: float, size, what: str) -> np.ndarray:
+    """(T, K, 2|3) -> (T, K, 2) float64 with NaN where a joint is not visible."""
+    xy, vis = _split_pose(motion, min_conf, size)
     if xy.ndim != 3:
-        raise ValueError(f"motion must be (T, K, 2|3), got {xy.shape}")
-    xy = np.where(vis[..., None], xy, np.nan)
+        raise ValueError(f"{what}: motion must be (T, K, 2|3), got {xy.shape}")
+    return np.where(vis[..., None], xy, np.nan)
+
+
+def _mean_joint_speed(motion, min_conf: float) -> np.ndarray:
+    """(T,) mean over visible joints of the per-frame displacement (central differences)."""
+    xy = _masked_xy(motion, min_conf, None, "motion_speed")
     if len(xy) < 3:
         return np.zeros(len(xy))
     vel = np.gradient(xy, axis=0)  # central differences: speed[t] belongs to frame t
@@ -214,20 +239,51 @@ def _quiet_nanmean():
         yield
 
 
-def motion_beats(motion, fps: float, smooth_sigma: float | None = None, min_conf: float = 0.3):
-    """Kinematic beats: frames where the smoothed mean joint speed has a local minimum.
-
-    Speed = mean over visible joints of the per-frame displacement (central differences).
-    Smoothing: a Gaussian of ``smooth_sigma`` frames, by default Bailando's 5 frames at 60 fps
-    SCALED to the motion's frame rate (5 * fps / 60, i.e. 2 at 24 fps). Bailando's fixed 5 frames
-    is a 0.083 s window at 60 fps but 0.21 s at 24 fps, which smears out most beats (see
-    /work/shared/ENVIRONMENT.md: unscaled, real dance at 24 fps scores at chance).
-    Returns int frame indices."""
-    speed = _mean_joint_speed(motion, min_conf)
+def motion_speed(motion, fps: float, smooth_sigma: float | None = None,
+                 min_conf: float = 0.3) -> np.ndarray:
+    """The kinetic speed curve that motion beats are read from: per frame, the mean over visible
+    joints of the joint speed (central differences), in coordinate units per second, smoothed by
+    a Gaussian of ``smooth_sigma`` frames. By default that is Bailando's 5 frames at 60 fps
+    SCALED to the motion's frame rate (5 * fps / 60, i.e. 2 at 24 fps): the fixed 5 frames are
+    0.083 s at 60 fps but 0.21 s at 24 fps, which smears out most beats (measured: unscaled, the
+    real sample dance at 24 fps scores at chance). motion: (T, K, 2|3). Returns (T,) float64."""
+    speed = _mean_joint_speed(motion, min_conf) * fps
     sigma = BAILANDO_SMOOTH_FRAMES_AT_60 * fps / 60.0 if smooth_sigma is None else smooth_sigma
     if sigma > 0 and len(speed) > 1:
         speed = gaussian_filter1d(speed, sigma, mode="nearest")
-    return argrelextrema(speed, np.less)[0]
+    return speed
+
+
+def motion_beats(motion, fps: float, smooth_sigma: float | None = None, min_conf: float = 0.3,
+                 min_prominence: float = MOTION_BEAT_MIN_PROMINENCE) -> np.ndarray:
+    """Kinematic beats (Bailando-style): frames where the :func:`motion_speed` curve has a local
+    minimum, i.e. the body momentarily stops. A minimum counts only when the speed rises by at
+    least ``min_prominence`` (coordinate units per second) on both sides (scipy's peak
+    prominence), so that a pose that does not move, or only wobbles by numerical noise, has no
+    beats at all instead of beats at random. Returns int frame indices, ascending."""
+    speed = motion_speed(motion, fps, smooth_sigma, min_conf)
+    prominence = min_prominence if min_prominence > 0 else None
+    peaks, _ = find_peaks(-speed, prominence=prominence)
+    return peaks.astype(np.int64)
+
+
+def music_beats(audio_baseline) -> np.ndarray:
+    """Music beat frames from an ``audio_baseline`` feature (T, 35), whose last column is the
+    preprocessing beat track as a one-hot per video frame (see dwm.shared.contract). Works on
+    the raw feature and on a standardised one (the one-hot keeps two levels either way): frames
+    above the midpoint of the column's range. Returns int frame indices; none when the column
+    is constant (no beat in the window). The sample metadata's ``beat_frames`` hold the same
+    frames for a whole segment."""
+    col = _np(audio_baseline)[..., -1].ravel()
+    lo, hi = float(col.min(initial=0.0)), float(col.max(initial=0.0))
+    if not col.size or hi - lo < 1e-6:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(col > 0.5 * (lo + hi)).astype(np.int64)
+
+
+def _clip_beats(music_beat_frames, t: int) -> np.ndarray:
+    beats = _np(music_beat_frames).ravel()
+    return beats[(beats >= 0) & (beats < t)]
 
 
 def beat_align_score(
@@ -237,6 +293,7 @@ def beat_align_score(
     sigma_seconds: float = BAILANDO_SIGMA_SECONDS,
     smooth_sigma: float | None = None,
     min_conf: float = 0.3,
+    min_prominence: float = MOTION_BEAT_MIN_PROMINENCE,
 ) -> float:
     """Beat Align Score, Bailando's definition (Siyao et al., "Bailando: 3D Dance Generation by
     Actor-Critic GPT with Choreographic Memory", CVPR 2022, Sec. 5 / their ``calc_ba_score``):
@@ -246,18 +303,18 @@ def beat_align_score(
     i.e. the mean over MUSIC beats of a Gaussian of the distance to the nearest MOTION beat m
     (from :func:`motion_beats`). sigma is Bailando's time scale, 3 frames at 60 fps = 0.05 s,
     converted to frames at ``fps`` (FACT/AIST++ averages over motion beats instead; we do not).
-    The speed smoothing is scaled with fps as explained in :func:`motion_beats`.
+    The speed smoothing is scaled with fps as explained in :func:`motion_speed`. Because only
+    music beats are averaged, motion beats everywhere (jitter) raise BAS: read it beside the
+    beat precision of :func:`beat_scores`.
 
     motion: (T, K, 2|3); music_beat_frames: beat positions in frames at ``fps`` (beats outside
     [0, T) are dropped). Returns a value in [0, 1]; 0 when the motion has no beat; NaN when no
     music beat falls inside the clip.
     """
-    t = _np(motion).shape[0]
-    beats = _np(music_beat_frames).ravel()
-    beats = beats[(beats >= 0) & (beats < t)]
+    beats = _clip_beats(music_beat_frames, _np(motion).shape[0])
     if beats.size == 0:
         return float("nan")
-    mb = motion_beats(motion, fps, smooth_sigma, min_conf).astype(np.float64)
+    mb = motion_beats(motion, fps, smooth_sigma, min_conf, min_prominence).astype(np.float64)
     if mb.size == 0:
         return 0.0
     sigma_frames = sigma_seconds * fps
@@ -282,58 +339,260 @@ def random_beat_align_score(
     return float(np.nanmean(scores))
 
 
+def _match_beats(motion_b: np.ndarray, music_b: np.ndarray, tol: float) -> int:
+    """Number of one-to-one pairs (motion beat, music beat) at most ``tol`` frames apart,
+    closest pairs first (as mir_eval's beat F-measure matches them)."""
+    if not motion_b.size or not music_b.size:
+        return 0
+    d = np.abs(motion_b[:, None] - music_b[None, :])
+    cand = np.argwhere(d <= tol)
+    cand = cand[np.argsort(d[cand[:, 0], cand[:, 1]], kind="stable")]
+    used_m, used_b = set(), set()
+    for i, j in cand:
+        if i not in used_m and j not in used_b:
+            used_m.add(i)
+            used_b.add(j)
+    return len(used_m)
+
+
+def beat_scores(
+    motion,
+    music_beat_frames,
+    fps: float,
+    tolerance_s: float = BEAT_TOLERANCE_SECONDS,
+    smooth_sigma: float | None = None,
+    min_conf: float = 0.3,
+    min_prominence: float = MOTION_BEAT_MIN_PROMINENCE,
+) -> dict[str, float]:
+    """Motion beats (:func:`motion_beats`) against music beats, as a beat tracker is scored:
+
+    * ``beat_precision``: share of motion beats within ``tolerance_s`` of a music beat (a
+      jittering pose stops everywhere and scores about the chance level, the tolerance window
+      over the beat period);
+    * ``beat_recall``: share of music beats within ``tolerance_s`` of a motion beat;
+    * ``beat_f1``: their harmonic mean (0 for a pose that never stops or never moves);
+    * ``bas``: Bailando's :func:`beat_align_score` of the same motion, for comparison.
+
+    Beats are paired one-to-one, closest first. The tolerance is a time (default 0.07 s, the
+    usual beat-tracking window), converted to frames at ``fps`` and at least half a frame, so
+    the same motion scores the same at any frame rate. motion: (T, K, 2|3); music_beat_frames
+    in frames at ``fps``; beats outside [0, T) are dropped. All NaN when no music beat falls in
+    the clip; precision 0 when the motion has no beat."""
+    beats = _clip_beats(music_beat_frames, _np(motion).shape[0])
+    if beats.size == 0:
+        nan = float("nan")
+        return {"beat_precision": nan, "beat_recall": nan, "beat_f1": nan, "bas": nan}
+    mb = motion_beats(motion, fps, smooth_sigma, min_conf, min_prominence).astype(np.float64)
+    hits = _match_beats(mb, beats, max(tolerance_s * fps, 0.5))
+    precision = hits / mb.size if mb.size else 0.0
+    recall = hits / beats.size
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    bas = beat_align_score(motion, beats, fps, smooth_sigma=smooth_sigma, min_conf=min_conf,
+                           min_prominence=min_prominence)
+    return {"beat_precision": float(precision), "beat_recall": float(recall),
+            "beat_f1": float(f1), "bas": bas}
+
+
 def kinetic_features(motion, fps: float, min_conf: float = 0.3) -> np.ndarray:
-    """A fixed-length motion descriptor of one pose sequence (T, K, 2|3), in the spirit of
-    AIST++/Bailando's kinetic features: per joint, mean speed and mean acceleration magnitude
-    (units per second, per second^2) and the standard deviation of x and of y. Shape (4K,).
-    Invisible joints are ignored (a joint never visible contributes zeros)."""
-    xy, vis = _split_pose(motion, min_conf, None)
-    if xy.ndim != 3 or len(xy) < 3:
+    """The kinetic feature of one pose sequence (T, K, 2|3), AIST++/Bailando's definition in 2D:
+    per joint, the mean horizontal kinetic energy mean(vx^2 / 2), the mean vertical kinetic
+    energy mean(vy^2 / 2) and the mean energy expenditure mean(|a|), with v and a by central
+    differences in coordinate units per second (per second^2). Shape (3K,): all K horizontal,
+    then all K vertical, then all K expenditure terms. A joint is used where its score >=
+    min_conf; a joint never visible contributes zeros. Needs T >= 3."""
+    xy = _masked_xy(motion, min_conf, None, "kinetic_features")
+    if len(xy) < 3:
         raise ValueError(f"kinetic_features: need (T>=3, K, 2|3), got {xy.shape}")
-    xy = np.where(vis[..., None], xy, np.nan)
     vel = np.gradient(xy, axis=0) * fps
     acc = np.gradient(vel, axis=0) * fps
     with _quiet_nanmean():
         feats = np.concatenate([
-            np.nanmean(np.linalg.norm(vel, axis=-1), axis=0),
+            np.nanmean(0.5 * vel[..., 0] ** 2, axis=0),
+            np.nanmean(0.5 * vel[..., 1] ** 2, axis=0),
             np.nanmean(np.linalg.norm(acc, axis=-1), axis=0),
-            np.nanstd(xy[..., 0], axis=0),
-            np.nanstd(xy[..., 1], axis=0),
         ])  # fmt: skip
     return np.nan_to_num(feats, nan=0.0)
 
 
-def pose_diversity(sequences, fps: float = 24.0, reference=None) -> float:
-    """Div_k-like diversity (Bailando / FACT report the mean pairwise distance between the
-    kinetic features of generated dances): the mean Euclidean distance over all pairs i < j of
-    the features of the N sequences.
-
-    sequences: (N, T, K, 2|3) / a list of (T_i, K, 2|3) pose sequences (features via
-    :func:`kinetic_features`), or an (N, D) array of ready-made features. reference: optional
-    ground-truth sequences (same forms); when given, every feature is standardised with the
-    reference's mean and std first, as Bailando does, so generated and real dances are measured
-    on the same scale (compare with ``pose_diversity(reference, reference=reference)``).
-    Identical sequences give 0. Raises ValueError for fewer than 2 sequences."""
-
-    def feats(x) -> np.ndarray:
-        if isinstance(x, np.ndarray) and x.ndim == 2:
-            return x.astype(np.float64)
-        if hasattr(x, "detach") and x.ndim == 2:
-            return _np(x)
+def _features(x, fps: float, what: str) -> np.ndarray:
+    """(N, D) features, or sequences (N, T, K, 2|3) / a list of (T_i, K, 2|3) -> their
+    :func:`kinetic_features`."""
+    if isinstance(x, (list, tuple)):
+        if x and _np(x[0]).ndim == 1:
+            return np.stack([_np(f) for f in x])
         return np.stack([kinetic_features(s, fps) for s in x])
+    a = _np(x)
+    if a.ndim == 2:
+        return a
+    if a.ndim == 4:
+        return np.stack([kinetic_features(s, fps) for s in a])
+    raise ValueError(f"{what}: expected features (N, D) or sequences (N, T, K, 2|3), got {a.shape}")
 
-    f = feats(sequences)
+
+def _standardiser(real: np.ndarray):
+    """Bailando measures FID_k and Div_k on features standardised by the REAL dances' mean and
+    std. A feature the real dances never vary (a joint they never show) has no scale of its own:
+    it takes the mean scale of the others, so a model that moves it is still seen."""
+    mean, std = real.mean(0), real.std(0)
+    varied = std > 1e-12
+    std = np.where(varied, std, std[varied].mean() if varied.any() else 1.0)
+    return lambda f: (f - mean) / std
+
+
+def _shrunk_cov(f: np.ndarray) -> np.ndarray:
+    """Sample covariance shrunk towards its diagonal by D / (N + D): with few clips (N << D)
+    the off-diagonal terms are noise and the full matrix is singular."""
+    n, d = f.shape
+    if n < 2:
+        return np.zeros((d, d))
+    cov = np.cov(f, rowvar=False).reshape(d, d)
+    lam = d / (n + d)
+    return (1.0 - lam) * cov + lam * np.diag(np.diag(cov))
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(0.5 * (m + m.T))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def fid_k(generated, real, fps: float = 24.0, standardise: bool = True) -> float:
+    """FID_k (Bailando / AIST++): the Fréchet distance between Gaussians fitted to the kinetic
+    features of generated and of real dances,
+
+        ||mu_g - mu_r||^2 + tr(S_g + S_r - 2 (S_r^1/2 S_g S_r^1/2)^1/2).
+
+    generated (N, D), real (M, D): :func:`kinetic_features` rows, or the sequences themselves
+    ((N, T, K, 2|3) or lists of (T_i, K, 2|3)). With ``standardise`` (default) both are first
+    standardised by the real features' mean and std, as Bailando does. Small-N regularisation:
+    each covariance is shrunk towards its diagonal by D / (N + D), and the matrix square root is
+    taken on symmetric PSD matrices (no complex round-off). 0 for real against itself; a frozen
+    or averaging model lands far from the real dances. Needs N, M >= 1."""
+    g, r = _features(generated, fps, "fid_k"), _features(real, fps, "fid_k")
+    if not len(g) or not len(r) or g.shape[1] != r.shape[1]:
+        raise ValueError(f"fid_k: need non-empty features of one size, got {g.shape}, {r.shape}")
+    if standardise:
+        scale = _standardiser(r)
+        g, r = scale(g), scale(r)
+    sg, sr = _shrunk_cov(g), _shrunk_cov(r)
+    sr_half = _sqrt_psd(sr)
+    cross = np.trace(_sqrt_psd(sr_half @ sg @ sr_half))
+    dist = np.sum((g.mean(0) - r.mean(0)) ** 2) + np.trace(sg) + np.trace(sr) - 2.0 * cross
+    return float(max(dist, 0.0))
+
+
+def div_k(features, reference=None, fps: float = 24.0) -> float:
+    """Div_k (Bailando / FACT): the mean Euclidean distance over all pairs i < j of the kinetic
+    features of N dances. features: (N, D) rows of :func:`kinetic_features` or the sequences
+    ((N, T, K, 2|3) or a list of (T_i, K, 2|3)). reference: the real dances (same forms); when
+    given, every feature is first standardised by the reference's mean and std (as in
+    :func:`fid_k`), so a model's value reads against ``div_k(real, reference=real)``. Identical
+    dances give 0; averaged dances, less than the real ones. Raises ValueError for N < 2."""
+    f = _features(features, fps, "div_k")
     if len(f) < 2:
-        raise ValueError(f"pose_diversity: need at least 2 sequences, got {len(f)}")
+        raise ValueError(f"div_k: need at least 2 dances, got {len(f)}")
     if reference is not None:
-        r = feats(reference)
-        # a feature the reference never varies (e.g. a joint it never sees) has no scale to
-        # standardise by: it is left out rather than divided by ~0
-        keep = r.std(0) > 1e-9
-        f = (f[:, keep] - r[:, keep].mean(0)) / r[:, keep].std(0)
+        f = _standardiser(_features(reference, fps, "div_k"))(f)
     d = np.linalg.norm(f[:, None, :] - f[None, :, :], axis=-1)
-    iu = np.triu_indices(len(f), k=1)
-    return float(d[iu].mean())
+    return float(d[np.triu_indices(len(f), k=1)].mean())
+
+
+def _speed_accel(motions, fps: float, min_conf: float, size) -> tuple[float, float]:
+    """Mean joint speed and mean acceleration magnitude over the visible joints of one or more
+    sequences, in units per second (per second^2)."""
+    speeds, accels = [], []
+    for m in motions:
+        xy = _masked_xy(m, min_conf, size, "speed_accel_ratios")
+        if len(xy) < 3:
+            continue
+        vel = np.gradient(xy, axis=0) * fps
+        acc = np.gradient(vel, axis=0) * fps
+        speeds.append(np.linalg.norm(vel, axis=-1).ravel())
+        accels.append(np.linalg.norm(acc, axis=-1).ravel())
+    if not speeds:
+        return float("nan"), float("nan")
+    with _quiet_nanmean():
+        return float(np.nanmean(np.concatenate(speeds))), float(np.nanmean(np.concatenate(accels)))
+
+
+def _sequences(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    a = _np(x)
+    return list(a) if a.ndim == 4 else [a]
+
+
+def speed_accel_ratios(motion, real_motion, fps: float, min_conf: float = 0.3,
+                       size: tuple[float, float] | None = None) -> dict[str, float]:
+    """How fast the motion moves compared with real dance: ``speed_ratio`` = mean joint speed
+    of ``motion`` / that of ``real_motion``, ``accel_ratio`` the same for the acceleration
+    magnitude (visible joints, central differences). 1 = as fast as the real dance; a frozen
+    pose scores 0, jitter far above 1. motion, real_motion: (T, K, 2|3), (N, T, K, 2|3) or
+    lists of sequences (of any lengths); ``size=(W, H)`` measures in pixels so that x and y
+    weigh the same. NaN when the real motion does not move (or is shorter than 3 frames)."""
+    s, a = _speed_accel(_sequences(motion), fps, min_conf, size)
+    rs, ra = _speed_accel(_sequences(real_motion), fps, min_conf, size)
+    ratio = lambda x, y: x / y if np.isfinite(x) and np.isfinite(y) and y > 0 else float("nan")
+    return {"speed_ratio": ratio(s, rs), "accel_ratio": ratio(a, ra)}
+
+
+def reference_consistency(motion, ref_pose, min_conf: float = 0.3,
+                          size: tuple[float, float] | None = None) -> dict[str, float]:
+    """Does the dance keep the body of the reference (the person in the photo)?
+
+    * ``bone_length_error``: over the limbs of contract.BODY_LIMBS that the reference shows
+      (both joints with score >= min_conf), the mean over frames and limbs of
+      |length in the frame - length in the reference|, divided by the reference's size (the mean
+      length of those reference limbs). 0.1 = limbs 10 % off. 2D lengths also change when a real
+      dancer turns, so read it beside the ground truth's value.
+    * ``frame0_distance``: the mean distance between the joints of frame 0 and of the reference
+      (joints visible in both), in units of the frame (the contract's [0, 1] coordinates).
+    * ``in_frame``: the share of visible joints, over all frames, with x and y in [0, 1].
+
+    motion: (T, K, 2|3) in [0, 1] frame coordinates; ref_pose: (K, 2|3) in the same frame.
+    ``size=(W, H)`` measures bone lengths in pixels (isotropic on non-square frames); the other
+    two stay in frame units. Each value is NaN when there is nothing to measure."""
+    xy = _masked_xy(motion, min_conf, None, "reference_consistency")
+    ref, ref_vis = _split_pose(_np(ref_pose)[None], min_conf, None)
+    ref, ref_vis = ref[0], ref_vis[0]
+    if ref.shape != xy.shape[1:]:
+        raise ValueError(f"reference_consistency: ref_pose {ref.shape} does not match the "
+                         f"motion's joints {xy.shape[1:]}")
+    scale = np.ones(2) if size is None else np.asarray(size, np.float64)
+    limbs = np.array([(a, b) for a, b in contract.BODY_LIMBS
+                      if max(a, b) < len(ref) and ref_vis[a] and ref_vis[b]]).reshape(-1, 2)
+    bone_err = float("nan")
+    if len(limbs):
+        ref_len = np.linalg.norm((ref[limbs[:, 0]] - ref[limbs[:, 1]]) * scale, axis=-1)
+        if ref_len.mean() > 0:
+            lens = np.linalg.norm((xy[:, limbs[:, 0]] - xy[:, limbs[:, 1]]) * scale, axis=-1)
+            err = np.abs(lens - ref_len[None]) / ref_len.mean()
+            with _quiet_nanmean():
+                bone_err = float(np.nanmean(err)) if np.isfinite(err).any() else float("nan")
+    both = ref_vis & np.isfinite(xy[0]).all(-1) if len(xy) else np.zeros(len(ref), bool)
+    frame0 = (float(np.linalg.norm(xy[0][both] - ref[both], axis=-1).mean()) if both.any()
+              else float("nan"))
+    seen = np.isfinite(xy).all(-1)
+    inside = seen & (xy >= 0).all(-1) & (xy <= 1).all(-1)
+    in_frame = float(inside.sum() / seen.sum()) if seen.any() else float("nan")
+    return {"bone_length_error": bone_err, "frame0_distance": frame0, "in_frame": in_frame}
+
+
+def seed_diversity(samples, min_conf: float = 0.3,
+                   size: tuple[float, float] | None = None) -> float:
+    """How different the dances of one song are across seeds: samples (S, T, K, 2|3), S >= 2
+    generations of the same song; the mean over pairs i < j of the mean joint distance between
+    sample i and sample j (frames and joints visible in both), in coordinate units (pixels with
+    ``size=(W, H)``). 0 for a deterministic model, whatever ``seed`` says."""
+    xy, vis = _split_pose(samples, min_conf, size)
+    if xy.ndim != 4 or len(xy) < 2:
+        raise ValueError(f"seed_diversity: need (S>=2, T, K, 2|3) samples, got {xy.shape}")
+    dists = []
+    for i in range(len(xy)):
+        for j in range(i + 1, len(xy)):
+            both = vis[i] & vis[j]
+            if both.any():
+                dists.append(np.linalg.norm(xy[i] - xy[j], axis=-1)[both].mean())
+    return float(np.mean(dists)) if dists else float("nan")
 
 
 def mean_pose_baseline(train_poses, min_conf: float = 0.3) -> np.ndarray:

@@ -289,14 +289,20 @@ class BenchConfig:
 
 @dataclass
 class DemoConfig:
-    videos: str = ""  # empty: generate small test videos with a beat track
+    videos: str = ""  # empty: generate the known-answer corpus (choreography clips + keypoints)
     out: str = "demo_out"
-    seconds: float = 4.0  # length of the generated song/video
-    clips: int = 3  # generated clips (when videos is empty)
+    seconds: float = 6.0  # length of each generated clip
+    clips: int = 8  # generated clips (when videos is empty), on beat tracks of several tempos
     width: int = 128  # preprocessing (and generation) frame size: small, for 2 CPU cores
     height: int = 256  # sides multiples of 64: the tiny M2PEncoder upsamples its heatmaps x8
-    steps: int = 4  # sampling steps of generate and eval
-    generate_seconds: float = 2.0  # length of the generated dance
+    steps: int = 4  # sampling steps of the video (generate and eval)
+    generate_seconds: float = 8.0  # length of the new beat track and of the generated dance
+    seeds: int = 4  # dances sampled per model for the known-answer table (seed diversity)
+    # stage A learns the choreography (~800 tiny steps); B and C only run the chain: with the
+    # tiny profile's random-init VAE no number of steps makes the frames show the figure
+    stage_a_steps: int = 800
+    stage_b_steps: int = 8
+    stage_c_steps: int = 4
     quick: bool = False  # a few training steps per stage only (tests)
 
 

@@ -135,11 +135,16 @@ def keypoints_document(body: np.ndarray, fps: float, width: int, height: int) ->
             "frames": frames}
 
 
+def sidecar_of(path: str | Path) -> Path:
+    """``dir/dance.mp4`` -> ``dir/dance.keypoints.json`` (what ``pose.backend=file`` reads)."""
+    path = Path(path)
+    return path.with_name(path.stem + KEYPOINTS_SIDECAR_SUFFIX)
+
+
 def write_keypoints_file(video_path: str | Path, body: np.ndarray, fps: float, width: int,
                          height: int) -> Path:
     """Write ``<video stem>.keypoints.json`` beside ``video_path``."""
-    video_path = Path(video_path)
-    out = video_path.with_name(video_path.stem + KEYPOINTS_SIDECAR_SUFFIX)
+    out = sidecar_of(video_path)
     out.write_text(json.dumps(keypoints_document(body, fps, width, height)))
     return out
 
@@ -333,6 +338,9 @@ def valid_moves(coords: np.ndarray, beat_frames: np.ndarray, width: int, height:
 # ---------------------------------------------------------------------------------------------
 DEMO_TEMPOS = (96.0, 108.0, 120.0, 132.0, 144.0)  # BPM of the training clips, cycled
 DEMO_SONG_TEMPO = 114.0  # the demo's new beat track: a tempo no training clip has
+# where the demo's reference photo puts the dancer (mid-torso, [0, 1]) and how tall (of the
+# frame): off-centre and smaller than any training clip (x 0.35-0.65, 55-75% tall)
+DEMO_REFERENCE_PLACE = ((0.3, 0.56), 0.5)
 REST_MOVE = -1  # body_units_pose's arms at rest
 
 
@@ -424,8 +432,8 @@ def rest_pose(width: int, height: int, centre: tuple[float, float], scale: float
 
 
 def make_demo_reference(path: str | Path, width: int = 128, height: int = 256,
-                        centre: tuple[float, float] = (0.3, 0.56), scale: float = 0.6,
-                        hue: int = 100) -> tuple[Path, np.ndarray]:
+                        centre: tuple[float, float] = DEMO_REFERENCE_PLACE[0],
+                        scale: float = DEMO_REFERENCE_PLACE[1], hue: int = 100) -> tuple[Path, np.ndarray]:
     """A PNG of the dancer at rest, standing where no training clip puts them, with its
     keypoints (one frame) beside it; returns (path, (18, 3) keypoints in [0, 1])."""
     path = Path(path)

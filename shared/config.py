@@ -303,7 +303,7 @@ class DemoConfig:
     stage_a_steps: int = 800
     stage_b_steps: int = 8
     stage_c_steps: int = 4
-    quick: bool = False  # a few training steps per stage only (tests)
+    quick: bool = False  # stages B and C 2 steps each (tests); stage A keeps stage_a_steps
 
 
 # Short names accepted on the command line.

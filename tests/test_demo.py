@@ -1,5 +1,8 @@
 """``dwm demo``: the whole chain (generated clips -> preprocess -> A -> B -> C -> generate -> eval)
-as a user runs it, in a subprocess, with a few training steps per stage (quick=true)."""
+as a user runs it, in a subprocess: the known-answer corpus through ``pose.backend=file``, stage A
+trained long enough to learn it (B and C a few steps, quick=true), and the demo's own figures in
+eval.json: the trained model makes valid moves on the beat, from the reference, differently per
+seed; its one-step prediction does not; the ground truth does."""
 
 from __future__ import annotations
 
@@ -22,17 +25,21 @@ def _printed_paths(stdout: str) -> dict[str, Path]:
     return out
 
 
+STAGE_A_STEPS = 800  # the demo's own: what learning the choreography takes
+
+
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DWM_PROGRESS": "0"}
     res = subprocess.run([sys.executable, "-m", "dwm.shared.cli", "demo", f"out={out}",
-                          "seconds=2", "clips=2", "steps=2", "quick=true",
-                          "generate_seconds=1"],
+                          "steps=2", "quick=true", f"stage_a_steps={STAGE_A_STEPS}",
+                          "generate_seconds=4", "seeds=2"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     paths = _printed_paths(res.stdout)
     for label in ("shards + manifest", "checkpoints", "final model", "TensorBoard logs",
-                  "generated video", "skeleton preview", "eval table", "eval metrics"):
+                  "generated video", "skeleton preview", "poses JSON", "skeleton strip",
+                  "eval table", "eval metrics"):
         assert label in paths, f"'{label}' not printed"
         assert paths[label].exists(), f"{label}: {paths[label]} does not exist"
         assert str(paths[label]).startswith(str(out))
@@ -44,8 +51,24 @@ def test_demo_runs_end_to_end(tmp_path):
     info = media.probe(paths["generated video"])
     kinds = [s["codec_type"] for s in info["streams"]]
     assert kinds.count("video") == 1 and kinds.count("audio") == 1
-    assert abs(info["duration"] - 1.0) <= 1 / 24 + 1e-6
+    assert abs(info["duration"] - 4.0) <= 1 / 24 + 1e-6
+    # the poses were read from the clips' keypoints files, not guessed by a stand-in detector
+    pp = json.loads(paths["preprocess report"].read_text())
+    assert pp["config"]["pose"]["backend"] == "file" and pp["counts"]["failed"] == 0
     report = json.loads(paths["eval metrics"].read_text())
     assert report["video"] is not None and report["stage_a"]["clips"] >= 1
-    # the eval table was printed, not only written
+    known = report["known_answer"]["table"]
+    truth, model, one = known["ground_truth"], known["model"], known["one_step"]
+    assert truth["valid_moves"] >= 0.95 and truth["beat_f1"] >= 0.8
+    assert truth["frame0_distance"] <= 0.01 and truth["moves_differ"] >= 0.3
+    # stage A learnt the choreography: valid moves on the beat, from the reference, seeds differ
+    assert model["valid_moves"] >= 0.8, known
+    assert model["beat_f1"] >= 0.6, known
+    assert model["frame0_distance"] <= 0.05, known
+    assert model["moves_differ"] >= 0.3 and model["seed_diversity"] > 0, known
+    # the one-step prediction is deterministic and averages the moves
+    assert one["seed_diversity"] == 0 and one["valid_moves"] < 0.5, known
+    assert report["video_note"]["vae_round_trip_psnr"] < report["video_note"]["mean_frame_psnr"]
+    # the tables were printed, not only written
     assert "| PCK@0.1" in res.stdout and "| PSNR" in res.stdout
+    assert "| trained model |" in res.stdout and "cannot show the figure" in res.stdout

@@ -193,3 +193,63 @@ def test_editing_a_sidecar_recomputes_only_its_pose(corpus, first_run, tiny_mode
         assert rows["good18.mp4"]["keys"][name] == old["good18.mp4"]["keys"][name]
     got = _poses(out)["good18.mp4"]["body"]
     np.testing.assert_allclose(got[:, 4, 0], body[:, 4, 0] / W, atol=1e-4)
+
+
+def test_sidecar_forms_and_one_line_errors(tmp_path):
+    """The accepted forms (triples, OpenPose's flat list, null, score 0 / NaN = missing) and the
+    reasons of bad files, each naming the file."""
+    from dwm.preprocess.extractors import keypoints_file as K
+
+    path = tmp_path / "v.keypoints.json"
+    body = _pixels(FPS, 0)[:3]
+    flat = body[1].reshape(-1).tolist()
+    flat[0] = float("nan")  # json writes NaN; a non-finite point is missing
+    _write(path, _doc("openpose_18", FPS, [body[0].tolist(), flat, None]))
+    kp = K.load(path)
+    assert kp.points.shape == (3, 18, 3) and kp.present.tolist() == [True, True, False]
+    np.testing.assert_allclose(kp.points[0], body[0], atol=1e-4)
+    assert (kp.points[1, 0] == 0).all() and kp.points[1, 1, 2] > 0
+    K.check_fits(kp, 3, FPS, 64, 112)  # same aspect at another size is fine
+    K.check_fits(kp, 4, FPS, 64, 112)  # one frame short: container round-off
+    bad = {
+        "not json": ("{", "not valid JSON"),
+        "layout": (_doc("body_17", FPS, [body[0].tolist()]), "layout 'body_17' is not one of"),
+        "fps": (_doc("openpose_18", 0, [body[0].tolist()]), "'fps' must be a positive number"),
+        "pairs": (_doc("openpose_18", FPS, [body[0, :, :2].tolist()]), "must be [x, y, score]"),
+        "strings": (_doc("openpose_18", FPS, [["a"] * 18]), "frame 0 is not a list"),
+        "no frames": (_doc("openpose_18", FPS, []), "'frames' must be a non-empty list"),
+        "wholebody": (_doc("coco_wholebody_133", FPS, [body[0].tolist()]),
+                      "frame 0 has 18 points; layout coco_wholebody_133 has 133"),
+    }
+    for what, (doc, words) in bad.items():
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        with pytest.raises(K.KeypointsFileError) as e:
+            K.load(path)
+        assert str(path) in str(e.value) and words in str(e.value), (what, str(e.value))
+        assert "\n" not in str(e.value)
+    _write(path, _doc("openpose_18", FPS, [body[0].tolist()] * 3))
+    with pytest.raises(K.KeypointsFileError, match="another aspect ratio"):
+        K.check_fits(K.load(path), 3, FPS, 112, 64)
+    with pytest.raises(K.KeypointsFileError, match="missing"):
+        K.file_digest(tmp_path / "nothing.keypoints.json")
+
+
+def test_generate_locates_the_photo_from_its_sidecar(tmp_path, tiny_models_cfg):
+    """A model trained on keypoints files finds the person in the photo the same way: from
+    ``<photo stem>.keypoints.json``; without one, one line says what to do."""
+    import dataclasses
+
+    from dwm.generate.pipeline import locate_reference
+    from dwm.shared.config import build_preprocess_config
+    from dwm.shared.errors import UserFacingError
+    from dwm.shared.synthetic import make_demo_reference
+
+    photo, pose = make_demo_reference(tmp_path / "me.png", 128, 256)
+    pcfg = build_preprocess_config(["profile=tiny", "pose.backend=file"])
+    pcfg.models = dataclasses.replace(tiny_models_cfg)
+    ref = locate_reference(str(photo), 128, 256, pcfg)
+    assert ref.crop_box == (0, 0, 128, 256)
+    np.testing.assert_allclose(ref.body[:, :2], pose[:, :2], atol=1e-3)
+    (tmp_path / "me.keypoints.json").unlink()
+    with pytest.raises(UserFacingError, match="me.keypoints.json: keypoints file missing"):
+        locate_reference(str(photo), 128, 256, pcfg)

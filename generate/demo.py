@@ -87,8 +87,8 @@ def generate_dance(ckpt: Path, music: Path, ref: Path, out: Path, cfg: C.DemoCon
         "window": window, "overlap": max(1, window // 4), "quiet": quiet,
         "models.profile": "tiny", "models.models_dir": models_dir,
     }
-    if pose_steps is not None:
-        overrides["pose_steps"] = pose_steps
+    if pose_steps is not None and hasattr(C.GenerateConfig, "pose_steps"):
+        overrides["pose_steps"] = pose_steps  # (the one-step baseline; issue 14's sampler)
     generate.main(C.apply_overrides(C.GenerateConfig(), overrides))
     return generate.poses_path(out)
 
@@ -97,7 +97,7 @@ def read_poses(path: Path) -> np.ndarray:
     """(T, 18, 3) in [0, 1] of the frame from a poses JSON written by ``generate``."""
     doc = json.loads(Path(path).read_text())
     w, h = float(doc["width"]), float(doc["height"])
-    body = np.asarray(doc["keypoints"], np.float32).reshape(-1, contract.NUM_BODY_JOINTS, 3)
+    body = np.asarray(doc["frames"], np.float32).reshape(-1, contract.NUM_BODY_JOINTS, 3)
     return body / np.array([w, h, 1.0], np.float32)
 
 

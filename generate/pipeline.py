@@ -25,6 +25,7 @@ same output bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -505,6 +506,28 @@ def skeleton_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}_skeleton.mp4")
 
 
+def poses_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}_poses.json")
+
+
+def write_poses(path: str | Path, bodies: np.ndarray, fps: float, width: int, height: int,
+                reference: np.ndarray | None = None) -> Path:
+    """The dance as data: OpenPose-18 keypoints per frame in pixels of the output video, in the
+    keypoints-file schema that ``pose.backend=file`` reads (README), plus the reference body
+    found in the photo (pixels, or null)."""
+    scale = np.array([width, height, 1.0], np.float32)
+
+    def px(body: np.ndarray) -> list:
+        return np.round(np.asarray(body, np.float32) * scale, 3).tolist()
+
+    doc = {"layout": "openpose_18", "fps": float(fps), "width": int(width), "height": int(height),
+           "frames": [px(b) for b in bodies],
+           "reference": px(reference) if reference is not None else None}
+    Path(path).write_text(json.dumps(doc))
+    return Path(path)
+
+
 def _check_inputs(cfg: C.GenerateConfig) -> None:
     if not cfg.music:
         raise UserFacingError("music= is required (a song: wav, mp3, ogg, m4a, or a video)")
@@ -566,8 +589,14 @@ def main(cfg: C.GenerateConfig) -> int:
     poses = predict_poses(model.m2p, song.mel, song.baseline, meta["norm_stats"], audio_window,
                           max(1, audio_window // 4), device, show)
     skel = skeleton_path(out)
-    media.skeleton_video(skel, poses.bodies(), cfg.fps, size=(width, height), audio=cfg.music)
+    # over the reference photo when it was located: one look shows whether the dance fits it
+    background = itertools.repeat(ref.image) if ref is not None else None
+    media.skeleton_video(skel, poses.bodies(), cfg.fps, size=(width, height), audio=cfg.music,
+                         background_frames=background)
     print(f"skeleton preview: {skel}", flush=True)
+    pjson = write_poses(poses_path(out), poses.bodies(), cfg.fps, width, height,
+                        ref.body if ref is not None else None)
+    print(f"poses: {pjson}", flush=True)
     if not has_video:
         print(f"ckpt={cfg.ckpt} has only the M2PEncoder (a stage-A model): wrote the skeleton "
               f"preview only; train stages B and C for the video ({out} not written)")

@@ -242,9 +242,9 @@ def evaluate_stage_a(m2p: torch.nn.Module, clips: list[Clip], stats: dict[str, A
         feats = {name: np.stack([metrics.kinetic_features(s, fps, MIN_CONF) for s in subs])
                  for name, subs in (("gt", gt_sub), ("model", pred_sub), ("base", base_sub))}
         ref = feats["gt"]
-        res["model"]["pose_diversity"] = metrics.pose_diversity(feats["model"], reference=ref)
-        res["pose_diversity_ground_truth"] = metrics.pose_diversity(ref, reference=ref)
-        res["baseline"]["pose_diversity"] = metrics.pose_diversity(feats["base"], reference=ref)
+        res["model"]["pose_diversity"] = metrics.div_k(feats["model"], reference=ref)
+        res["pose_diversity_ground_truth"] = metrics.div_k(ref, reference=ref)
+        res["baseline"]["pose_diversity"] = metrics.div_k(feats["base"], reference=ref)
     else:
         res["model"]["pose_diversity"] = res["baseline"]["pose_diversity"] = float("nan")
         res["pose_diversity_ground_truth"] = float("nan")

@@ -21,8 +21,13 @@ View A (stage A, the M2PEncoder). Samples with ``has_audio=false`` are skipped.
     face_embed      (B, 512)       float32: ArcFace embedding of that frame (face_ref_embed when
                     the frame has none)
     face_valid      (B,)           float32, 0 when the video has no usable face at all
+    ref_pose        (B, K, 3)      float32, pose_body of the reference frame (x, y in [0, 1],
+                    score): the face crop's frame when its neck is visible, else another frame
+                    of the video with a visible neck, outside the window when possible (the
+                    M2PEncoder dances relative to it, as generation does to the photo's body)
     meta            list of dicts: key, source, fps, width, height, segment_start (frame of the
-                    video), window_start (frame of the segment), length (real frames), ref_frame
+                    video), window_start (frame of the segment), length (real frames), ref_frame,
+                    ref_pose_frame
     thumbs          (only with ``with_thumbs=True``) list of lists of JPEG bytes, one per frame
 
 View B (stage B, single frames).
@@ -34,9 +39,12 @@ View B (stage B, single frames).
     face_mask       (B, h, w)      float32 [0, 1], of the target frame
     face_embed      (B, 512)       float32, face_ref_embed; face_valid (B,) as in A
     ref_face_crop   (B, 3, 112, 112) float32 [0, 1], a face crop of the video (for the M2PEncoder)
+    ref_pose        (B, K, 3)      float32, pose_body of the reference frame (for the M2PEncoder)
     clip_embed      (B, D)         float32, the clip_frames entry nearest the reference frame
     audio_mel, audio_baseline, frame_mask   (B, W, ...) as view A, the W-window around the target
     audio_target    (B,)           int64, index of the target frame inside that window
+    window_coords, window_conf (B, W, K, 2), (B, W, K): pose_body over that window (0 on
+                    padding): the ground-truth dance the M2PEncoder denoises for scheduled sampling
     audio_valid     (B,)           float32, 0 when the sample has no audio (features are zeros)
     ref_index, target_index  (B,)  int64, frame indices within the segment
     meta            list of dicts (key, source, fps, segment_start, ...)
@@ -49,7 +57,8 @@ View C (stage C, clips of T frames; T per batch from the curriculum).
     audio_mel, audio_baseline (B, T, ...) normalised, for the clip's frames; audio_valid (B,)
     ref_latent      (B, 4, h, w)   from a frame outside the clip when the segment has one
                     (preferring frames with a face), else the clip's first frame
-    ref_face_crop, face_embed, face_valid, clip_embed  as view B (clip_embed nearest the reference)
+    ref_face_crop, ref_pose, face_embed, face_valid, clip_embed  as view B (clip_embed and
+                    ref_pose of the reference frame)
     ref_index, clip_start (B,) int64; seq_len: int (T of the batch); meta list of dicts
 """
 
@@ -170,6 +179,25 @@ def pick_face_frame(face_present: np.ndarray, rng: np.random.Generator,
     return int(rng.choice(idx))
 
 
+def pick_pose_frame(body: np.ndarray, rng: np.random.Generator,
+                    avoid: tuple[int, int] | None = None, prefer: int | None = None,
+                    min_conf: float = 0.3) -> int:
+    """A frame whose pose has a visible neck (the reference body's origin): ``prefer`` if it
+    has one, else outside ``avoid`` [a, b) when possible, else any; the most confident frame
+    when none has a visible neck."""
+    ok = body[:, contract.NECK, 2] >= min_conf
+    if prefer is not None and ok[prefer]:
+        return int(prefer)
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        return int(np.argmax(body[..., 2].sum(-1)))
+    if avoid is not None:
+        outside = idx[(idx < avoid[0]) | (idx >= avoid[1])]
+        if len(outside):
+            idx = outside
+    return int(rng.choice(idx))
+
+
 def face_crop_of(feats: dict[str, np.ndarray], frame: int | None) -> np.ndarray:
     size = contract.FACE_CROP_SIZE
     return feats["face_crop"][frame] if frame is not None else np.zeros((size, size, 3), np.uint8)
@@ -270,14 +298,17 @@ class ViewA(View):
         ref = pick_face_frame(feats["face_present"].astype(bool), rng, avoid=(start, start + n))
         crop = face_crop_of(feats, ref)
         emb, ok = face_target(feats, ref)
+        all_body = feats["pose_body"]
+        pose_ref = pick_pose_frame(all_body, rng, avoid=(start, start + n), prefer=ref)
         item = {
             "audio_mel": mel, "audio_baseline": base, "frame_mask": mask,
             "heatmap": window(feats["pose_heatmap"], start, W),
             "coords": np.ascontiguousarray(body[..., :2]),
             "conf": (body[..., 2] * mask[:, None]).astype(np.float32),
             "face_crop": crop_chw(crop), "face_embed": emb, "face_valid": np.float32(ok),
+            "ref_pose": all_body[pose_ref].astype(np.float32),
             "meta": {**base_meta(meta), "window_start": start, "length": n,
-                     "ref_frame": -1 if ref is None else ref},
+                     "ref_frame": -1 if ref is None else ref, "ref_pose_frame": pose_ref},
         }
         if self.with_thumbs:
             thumbs = contract.decode_thumbs(feats["thumbs_jpeg"], feats["thumbs_offsets"])
@@ -319,6 +350,7 @@ class ViewB(View):
         emb, ok = face_target(feats, None)  # the video's reference embedding
         clip, clip_ok = nearest_clip(feats, r)
         body = feats["pose_body"][t].astype(np.float32)
+        around = window(feats["pose_body"].astype(np.float32), a_start, W)
         return {
             "ref_latent": scaled(feats["latents"][r], scale),
             "target_latent": scaled(feats["latents"][t], scale),
@@ -327,9 +359,12 @@ class ViewB(View):
             "face_mask": np.ascontiguousarray(feats["face_mask"][t]),
             "face_embed": emb, "face_valid": np.float32(ok),
             "ref_face_crop": crop_chw(crop),
+            "ref_pose": feats["pose_body"][r].astype(np.float32),
             "clip_embed": clip, "clip_valid": np.float32(clip_ok),
             "audio_mel": mel, "audio_baseline": base, "frame_mask": mask,
             "audio_target": np.int64(t - a_start), "audio_valid": np.float32(a_ok),
+            "window_coords": np.ascontiguousarray(around[..., :2]),
+            "window_conf": np.ascontiguousarray(around[..., 2]),
             "ref_index": np.int64(r), "target_index": np.int64(t),
             "meta": {**base_meta(meta), "ref_frame": r, "target_frame": t},
         }
@@ -375,6 +410,7 @@ class ViewC(View):
             "audio_mel": mel, "audio_baseline": base, "audio_valid": np.float32(a_ok),
             "ref_latent": scaled(feats["latents"][r], scale),
             "ref_face_crop": crop_chw(crop), "face_embed": emb, "face_valid": np.float32(ok),
+            "ref_pose": feats["pose_body"][r].astype(np.float32),
             "clip_embed": clip, "clip_valid": np.float32(clip_ok),
             "ref_index": np.int64(r), "clip_start": np.int64(start),
             "meta": {**base_meta(meta), "ref_frame": r, "clip_start": start, "length": n},

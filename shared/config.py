@@ -167,6 +167,23 @@ class TrainConfig:
     temporal_loss_weight: float = 0.1
     face_loss: Literal["cosine", "l2"] = "cosine"
     coord_loss_weight: float = 10.0  # stage A: L1 of soft-argmax coords (in [0,1]) beside heatmap CE
+    # -- the M2PEncoder's pose denoiser (stage A; sigmas are in torso lengths of the reference)
+    pose_denoise_loss_weight: float = 1.0  # EDM-weighted MSE of x0 in the reference's units
+    velocity_loss_weight: float = 1.0  # L1 of x0's frame-to-frame motion vs the target's (EDGE)
+    heatmap_loss_frames: int = 8  # stage A: frames per window that get L_heat (0 = all)
+    music_dropout: float = 0.1  # music dropped per sample: classifier-free guidance on music
+    pose_known_start_prob: float = 0.5  # the window's first frame given (generation: the photo)
+    pose_known_prefix_prob: float = 0.3  # its first 1..W/2 frames given (a window's overlap)
+    pose_sigma_data: float = 0.5  # EDM sigma_data of the pose state (saved in the model)
+    pose_sigma_min: float = 0.002  # sampling range of the pose denoiser (saved in the model)
+    pose_sigma_max: float = 20.0
+    pose_p_mean: float = -1.0  # log-normal training sigmas of the pose denoiser (EDM's)
+    pose_p_std: float = 1.4
+    pose_steps: int = 16  # stage-A validation: Heun steps per sampled dance (1 = one-step)
+    music_guidance_scale: float = 1.0  # stage-A validation: CFG on music (1 = off)
+    # stages B/C: the M2P guidance is its denoising of the ground-truth poses at a sigma drawn
+    # log-uniformly in [pose_sigma_min, this] per sample (not a free-running sample)
+    scheduled_sampling_sigma: float = 1.0
     # -- batching and optimisation
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -241,6 +258,10 @@ class GenerateConfig:
     window: int = 24  # frames per denoising window
     overlap: int = 6  # frames shared by neighbouring windows, blended
     pose_window: int = 0  # M2PEncoder window in frames (0: the training run's audio_window)
+    pose_overlap: int = 0  # frames each pose window continues (inpaints) from the last (0: window/4)
+    pose_steps: int = 16  # Heun steps of the pose denoiser (1 = the deterministic one-step)
+    music_guidance_scale: float = 1.0  # classifier-free guidance on the music (1 = off)
+    start_from_reference: bool = True  # frame 0 of the dance = the photo's pose
     # locating the person ("": the training data's); "file": <photo stem>.keypoints.json beside it
     pose_backend: Literal["", "dwpose", "mediapipe", "file"] = ""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on cuda, fp32 on cpu

@@ -1,6 +1,8 @@
-"""Stage A on the real preprocessed sample video (mediapipe pose): the M2PEncoder overfits a few
-real windows well past the mean-pose baseline, validation writes its metrics, pictures and an
-mp4 with the music, and no pretrained model (ArcFace, VAE, CLIP) is ever loaded."""
+"""Stage A on the real preprocessed sample video (mediapipe pose): the M2PEncoder's denoiser
+overfits a few real windows well past the mean-pose baseline, validation writes its metrics
+(beside the one-step prediction, the mean pose and the ground truth), pictures and an mp4 with
+the music, no pretrained model (ArcFace, VAE, CLIP) is ever loaded, and a stage-A folder from
+before the denoiser is refused in one line."""
 
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ def test_real_view_a_batch(real_windows):
     assert 0 <= float(b["coords"].min()) and float(b["coords"].max()) <= 1.5
     assert b["conf"].max() > 0.3  # mediapipe found the dancer
     assert b["face_embed"].shape == (B, 512) and len(b["thumbs"][0]) == WINDOW
+    # the reference body: another frame of the same video, with its neck found
+    assert b["ref_pose"].shape == (B, 18, 3) and (b["ref_pose"][:, 1, 2] >= 0.3).all()
+    for i, meta in enumerate(b["meta"]):
+        assert not meta["window_start"] <= meta["ref_pose_frame"] < meta["window_start"] + WINDOW
 
 
 def test_stage_a_loads_no_pretrained_model(real_windows, monkeypatch):
@@ -57,12 +63,11 @@ def test_stage_a_loads_no_pretrained_model(real_windows, monkeypatch):
     assert set(model.components()) == {"m2p"}
     loss, terms = stage.compute_loss(model, batches[0], 0, 10)
     loss.backward()
-    assert torch.isfinite(loss) and {"heatmap_ce", "coord_l1", "face", "pose"} <= set(terms)
+    assert torch.isfinite(loss)
+    assert {"denoise", "velocity", "heatmap_ce", "coord_l1", "face", "pose"} <= set(terms)
     # the l2 face loss option
     cfg.face_loss = "l2"
-    out = model.m2p(batches[0]["audio_mel"], batches[0]["audio_baseline"], batches[0]["frame_mask"],
-                    batches[0]["face_crop"])
-    _, terms_l2 = stage_a_losses(out, batches[0], cfg)
+    _, terms_l2 = stage_a_losses(model.m2p, batches[0], cfg)
     cfg.face_loss = "cosine"
     assert terms_l2["face"] == pytest.approx(2 * terms["face"], rel=1e-3)  # |a-b|^2 = 2 - 2cos
 
@@ -106,9 +111,11 @@ def test_overfit_beats_mean_pose_baseline(real_windows, tmp_path):
 
 
 def test_validation_metrics_on_val_split(sample_dataset, tmp_path):
-    """Validation on the held-out video: numbers exist and the baseline is a sane reference."""
+    """Validation on the held-out video: every figure exists, and the sampled dance is a
+    sample: two seeds differ, the one-step prediction is the same whatever the seed."""
     manifest = str(sample_dataset)
-    cfg = build_train_config(["model_size=tiny", "stage=A", f"data={manifest}", f"audio_window={WINDOW}"])
+    cfg = build_train_config(["model_size=tiny", "stage=A", f"data={manifest}", f"audio_window={WINDOW}",
+                              "pose_steps=2"])
     m = load_manifest(manifest)
     view = make_view("A", m["stats"], cfg, with_thumbs=True)
     batches = [batch_to_device(b, "cpu") for b in eval_batches(m, view, 2, split="val", max_batches=1)]
@@ -116,7 +123,35 @@ def test_validation_metrics_on_val_split(sample_dataset, tmp_path):
     stage = StageA(cfg)
     model = stage.build_model(cfg, None).eval()
     metrics = stage.validate(model, batches, 0, None, tmp_path)
-    for k in ("pck@0.1", "pck@0.2", "mean_joint_error", "baseline_pck@0.1", "baseline_pck@0.2",
-              "baseline_mean_joint_error"):
+    for k in ("pck@0.1", "pck@0.2", "mean_joint_error", "baseline_pck@0.2", "onestep_pck@0.2",
+              "beat_f1", "onestep_beat_f1", "gt_beat_f1", "bas", "speed_ratio", "in_frame",
+              "bone_length_error", "frame0_distance", "seed_diversity"):
         assert k in metrics and np.isfinite(metrics[k]), k
-    assert metrics["baseline_pck@0.2"] >= metrics["baseline_pck@0.1"]
+    assert metrics["seed_diversity"] > 1e-3  # a deterministic regressor scores exactly 0
+    b = batches[0]
+    common = dict(ref_pose=b["ref_pose"], steps=1)
+    one = [model.m2p.sample(b["audio_mel"], b["audio_baseline"], **common,
+                            generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    torch.testing.assert_close(one[0], one[1], rtol=0, atol=0)
+
+
+def test_stage_a_final_from_before_the_denoiser_is_refused(tmp_path):
+    """A final/ of the music-only regressor (config without m2p_version, a conv decoder) fails to
+    load with one line that says why, through every loader."""
+    from dwm.shared.errors import UserFacingError
+    from dwm.training.models.animator import load_dance_model
+    from dwm.training.models.dance_model import DanceModel
+    from dwm.training.models.m2p import M2PEncoder
+
+    DanceModel(m2p=M2PEncoder.from_size("tiny")).save_pretrained(tmp_path / "final")
+    config = tmp_path / "final" / "m2p" / "config.json"
+    old = json.loads(config.read_text())
+    old.pop("m2p_version")
+    old["decoder_channels"] = [32, 16, 16]
+    config.write_text(json.dumps(old))
+    for load in (lambda: load_dance_model(tmp_path / "final"),
+                 lambda: M2PEncoder.from_pretrained(tmp_path / "final" / "m2p")):
+        with pytest.raises(UserFacingError) as err:
+            load()
+        msg = str(err.value)
+        assert "\n" not in msg and "version 1" in msg and "train stage A again" in msg

@@ -124,10 +124,9 @@ def build_video_components(unet: nn.Module, size: str = "full",
 
 def _build_m2p(cfg: Any) -> nn.Module:
     """A fresh M2PEncoder exactly as stage A builds one (heatmap grid from the manifest)."""
-    from ..stages.stage_a import StageA
     from .m2p import M2PEncoder
 
-    return M2PEncoder.from_size(cfg.model_size, **StageA._heatmap_size(cfg))
+    return M2PEncoder.from_train_config(cfg)
 
 
 def build_dance_model(cfg: Any, stage: str, init_path: str | Path | None = None,

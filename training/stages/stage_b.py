@@ -4,11 +4,14 @@ adapter learn to render the reference person in the target frame's pose.
 Per micro-batch (view B, see :mod:`dwm.datasets.views`):
 
 1. Guidance. Until the last ``scheduled_sampling_fraction`` of the stage the pose heatmap and the
-   face embedding are the ground truth; then the M2PEncoder's predictions (for the target frame,
-   from the audio window around it and a face crop) are mixed in with ratio r ramping 0 -> 1.
-   Samples without audio keep the ground-truth pose. Whenever the M2PEncoder has no LR (the freeze
-   matrix delays it to ``m2p_unfreeze_fraction_b``) its outputs are detached; while it trains,
-   L_heat keeps its heatmaps tied to the target pose.
+   face embedding are the ground truth; then the M2PEncoder's are mixed in with ratio r ramping
+   0 -> 1. Its pose is its *denoising of the ground-truth poses* of the audio window around the
+   target (noised at a sigma drawn log-uniformly up to ``scheduled_sampling_sigma``, with the
+   music and the reference frame's pose), detached: it still describes the target frame, with
+   the errors the M2PEncoder makes. A free-running sample would be another dance, and the UNet
+   would learn to ignore the pose. Samples without audio keep the ground-truth pose. Whenever
+   the M2PEncoder has no LR (the freeze matrix delays it to ``m2p_unfreeze_fraction_b``) its
+   outputs are detached; while it trains, L_heat keeps its heatmaps tied to the target pose.
 2. EDM step: log-normal sigma, noisy target, one denoiser call with the reference (ReferenceNet +
    SVD concat), CLIP token, face tokens and pose guidance scaled by the condition ramp; condition
    dropout per sample (see :func:`dwm.training.schedules.dropout_masks`).
@@ -17,6 +20,7 @@ Per micro-batch (view B, see :mod:`dwm.datasets.views`):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +60,13 @@ class VideoStage(Stage):
         return clip * valid.float()[:, None] if valid is not None else clip
 
     def m2p_guidance(self, model: DanceModel, batch: dict[str, Any], frames: torch.Tensor | None,
-                     trains: bool, grid: tuple[int, int]
+                     trains: bool, grid: tuple[int, int], generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """M2PEncoder outputs: (heatmap logits (B, F, K, H, W), heatmaps on the latent ``grid``
-        (B, F, K, h, w) in [0, 1], face embedding (B, 512)); detached unless it ``trains``.
-        ``frames``: (B,) index of the one frame per sample to keep, or None for all."""
+        """The M2PEncoder's denoising of the ground-truth poses: (heatmap logits on its grid
+        (B, F, K, H, W), heatmaps on the latent ``grid`` (B, F, K, h, w) in [0, 1] (detached),
+        face embedding (B, 512)); logits and face are detached unless it ``trains``.
+        ``frames``: (B,) index of the one frame per sample to keep (stage B: the target in its
+        audio window), or None for all (stage C: the clip)."""
         from dwm.training.models.m2p import logits_to_heatmaps
 
         m2p = model.m2p
@@ -70,31 +76,48 @@ class VideoStage(Stage):
         for module in m2p.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
+        seq = batch["window_coords"] if frames is not None else batch["coords"]
+        seq = seq.float()
+        ref_pose = batch["ref_pose"].float()
+        b, device = seq.shape[0], seq.device
+        sigma = self.scheduled_sampling_sigmas(m2p, b, generator).to(device)
+        noise = torch.randn(seq.shape, generator=generator,
+                            device=generator.device if generator is not None else "cpu")
         with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
+            state = m2p.state_of(seq, ref_pose)
+            noisy = state + noise.to(device) * sigma[:, None, None, None]
             out = m2p(batch["audio_mel"], batch["audio_baseline"], batch.get("frame_mask"),
-                      batch["ref_face_crop"])
-        logits = out.heatmap_logits
+                      batch["ref_face_crop"], ref_pose=ref_pose, noisy=noisy, sigma=sigma)
+        logits, coords = out.heatmap_logits, out.coords
         if frames is not None:
-            logits = logits[torch.arange(logits.shape[0], device=logits.device), frames][:, None]
-        heat = logits_to_heatmaps(logits)
-        b, f, k = heat.shape[:3]
-        if heat.shape[-2:] != grid:
-            heat = F.interpolate(heat.flatten(0, 1), size=grid, mode="bilinear",
-                                 align_corners=False).view(b, f, k, *grid)
+            pick = torch.arange(b, device=device), frames
+            logits, coords = logits[pick][:, None], coords[pick][:, None]
+        heat = logits_to_heatmaps(m2p.heatmap_logits(coords.detach(), grid))
         face = out.face_embed
         if not trains:
-            logits, heat, face = logits.detach(), heat.detach(), face.detach()
-        return logits, heat, face
+            logits, face = logits.detach(), face.detach()
+        return logits, heat.detach(), face
+
+    def scheduled_sampling_sigmas(self, m2p, batch: int,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) noise levels of the ground-truth poses the M2PEncoder denoises for guidance:
+        log-uniform in [pose_sigma_min, scheduled_sampling_sigma]."""
+        lo = math.log(float(m2p.config.pose_sigma_min))
+        hi = math.log(max(float(self.cfg.scheduled_sampling_sigma), m2p.config.pose_sigma_min))
+        u = torch.rand(batch, generator=generator,
+                       device=generator.device if generator is not None else "cpu")
+        return (lo + u * (hi - lo)).exp()
 
     def guidance(self, model: DanceModel, batch: dict[str, Any], gt_pose: torch.Tensor,
-                 ratio: float, m2p_trains: bool, frames: torch.Tensor | None
+                 ratio: float, m2p_trains: bool, frames: torch.Tensor | None,
+                 generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(pose (B, F, K, h, w), face embedding (B, 512), L_heat or None)."""
         gt_face = batch["face_embed"].float()
         if model.m2p is None or (ratio <= 0 and not m2p_trains):
             return gt_pose, gt_face, None
         logits, m2p_pose, m2p_face = self.m2p_guidance(model, batch, frames, m2p_trains,
-                                                       tuple(gt_pose.shape[-2:]))
+                                                       tuple(gt_pose.shape[-2:]), generator)
         heat_loss = None
         if m2p_trains:
             conf = batch["conf"].float()
@@ -160,7 +183,7 @@ class StageB(VideoStage):
         m2p_trains = schedules.m2p_trains("B", cfg, step, total_steps) and model.training
         gt_pose = batch["heatmap"].float()[:, None]  # (B, 1, K, h, w)
         pose, face, heat_loss = self.guidance(model, batch, gt_pose, ratio, m2p_trains,
-                                              batch["audio_target"])
+                                              batch["audio_target"], generator)
         scale = schedules.condition_scale(step, total_steps, cfg.guidance_scale)
         cond = self.conditioning(model, batch, pose, face, scale,
                                  cfg.condition_dropout if dropout is None else dropout, generator)

@@ -3,8 +3,9 @@ M2PEncoder at ``m2p_lr_stage_c``); everything stage B trained is frozen.
 
 - Temporal curriculum: T grows linearly from ``sequence_length`` to ``max_sequence_length`` over
   the stage (:meth:`StageC.sequence_length`, asked by the data pipeline for each step).
-- Guidance: the M2PEncoder's heatmaps for the clip's frames and its face embedding, mixed with the
-  ground truth by ``stage_c_m2p_mix`` (1 = all M2P, what generation uses); detached unless the
+- Guidance: the M2PEncoder's denoising of the clip's ground-truth poses (at a sigma up to
+  ``scheduled_sampling_sigma``, as in stage B) and its face embedding, mixed with the ground
+  truth by ``stage_c_m2p_mix`` (1 = all M2P); the pose detached, the face detached unless the
   M2PEncoder trains. The pose scale is ``guidance_scale`` (stage B's ramp is over).
 - Loss: ``diffusion_loss_weight * L_diff + id_loss_weight * L_id + temporal_loss_weight * L_temp
   (+ pose_loss_weight * L_heat while the M2PEncoder trains)``, padded frames excluded.
@@ -49,7 +50,7 @@ class StageC(VideoStage):
         m2p_trains = schedules.m2p_trains("C", cfg, step, total_steps) and model.training
         gt_pose = batch["heatmap"].float()  # (B, T, K, h, w)
         pose, face, heat_loss = self.guidance(model, batch, gt_pose, float(cfg.stage_c_m2p_mix),
-                                              m2p_trains, None)
+                                              m2p_trains, None, generator)
         cond = self.conditioning(model, batch, pose, face, float(cfg.guidance_scale),
                                  cfg.condition_dropout if dropout is None else dropout, generator)
         target = batch["latents"].float()

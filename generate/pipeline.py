@@ -5,10 +5,11 @@ Steps, in order (each through the same code the rest of the project uses):
 1. Audio features of the song by the preprocessing audio extractor
    (:class:`dwm.preprocess.extractors.audio.AudioExtractor`), normalised with the training data's
    statistics saved beside the checkpoint.
-2. The M2PEncoder predicts pose heatmaps and joint coordinates over overlapping windows of
-   ``audio_window`` frames, cross-faded linearly where windows overlap.
-3. The reference photo is located and cropped like preprocessing crops a video (pose backend,
-   main-dancer pick, crop centred on the dancer); then the preprocessing face extractor gives the
+2. The reference photo is located and cropped like preprocessing crops a video (pose backend,
+   main-dancer pick, crop centred on the dancer); its body is the dance's reference.
+3. The M2PEncoder's pose denoiser samples the dance relative to that body (``pose_steps``,
+   ``seed``), in windows of ``audio_window`` frames that continue each other (each inpaints the
+   frames it shares with the last); then the preprocessing face extractor gives the
    ArcFace embedding, the CLIP extractor the image embedding and the latent extractor the
    reference latent (all through the model registry).
 4. The video model samples with EDM Euler steps, classifier-free guidance on the appearance
@@ -18,8 +19,10 @@ Steps, in order (each through the same code the rest of the project uses):
    weights over the shared frames, so neighbouring windows agree and there is no seam.
 6. The VAE decodes the latents; 7. the song is muxed into the mp4 (:func:`media.write_video`).
 
-A skeleton preview of the predicted poses with the song (``<out stem>_skeleton.mp4``) is written
-too; with a stage-A checkpoint (M2PEncoder only) it is the only output. Same seed and inputs ->
+A skeleton preview of the dance over the reference photo, with the song
+(``<out stem>_skeleton.mp4``), and the poses as data (``<out stem>_poses.json``, the
+keypoints-file schema) are written too; with a stage-A checkpoint (M2PEncoder only) they are the
+only outputs. Same seed and inputs ->
 same output bytes.
 """
 
@@ -233,7 +236,6 @@ def song_frames(music: str, fps: float, max_seconds: float) -> int:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PredictedPoses:
-    heatmaps: torch.Tensor  # (T, K, H, W) float16 in [0, 1] at the M2PEncoder's grid
     coords: np.ndarray  # (T, K, 2) in [0, 1] of the frame
 
     def bodies(self) -> np.ndarray:
@@ -245,10 +247,15 @@ class PredictedPoses:
 @torch.no_grad()
 def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
                   stats: dict[str, Any] | None, window: int, overlap: int,
-                  device: str | torch.device = "cpu", show_progress: bool = True) -> PredictedPoses:
-    """Heatmaps and coordinates for every frame, windows of ``window`` frames cross-faded."""
+                  device: str | torch.device = "cpu", show_progress: bool = True, *,
+                  ref_pose: np.ndarray | None = None, steps: int = 1, seed: int = 0,
+                  music_guidance_scale: float = 1.0,
+                  start_from_reference: bool = True) -> PredictedPoses:
+    """The dance of the whole song (:func:`dwm.training.pose_sampling.sample_dance`: windows
+    that continue each other), relative to ``ref_pose`` ((K, 3) in [0, 1], the photo's body).
+    ``steps=1`` is the deterministic one-step prediction; more steps sample, per ``seed``."""
     from dwm.datasets.views import Normaliser
-    from dwm.training.models.m2p import logits_to_heatmaps
+    from dwm.training.pose_sampling import sample_dance
 
     n_mels = int(m2p.config.n_mels)
     if mel.shape[1] != n_mels:
@@ -257,35 +264,21 @@ def predict_poses(m2p: torch.nn.Module, mel: np.ndarray, baseline: np.ndarray,
     mel_n = Normaliser(stats, "audio_mel", n_mels)(mel)
     base_n = Normaliser(stats, "audio_baseline", contract.AUDIO_BASELINE_DIM)(baseline)
     total = mel.shape[0]
-    starts = window_starts(total, window, overlap)
-    weights = window_weights(total, window, starts)
-    length = min(window, total)
-    p = next(m2p.parameters())
-    heat_parts, coord_parts = [], []
-    for s in tqdm(starts, desc="poses from music", unit="window", disable=not show_progress,
-                  leave=False):
-        a = torch.from_numpy(mel_n[s : s + length])[None].to(p.device, p.dtype)
-        b = torch.from_numpy(base_n[s : s + length])[None].to(p.device, p.dtype)
-        out = m2p(a, b)
-        # half precision on the host: a long song's heatmaps are the biggest array here
-        heat_parts.append(logits_to_heatmaps(out.heatmap_logits[0]).cpu().half())
-        coord_parts.append(out.coords[0].float().cpu())
-    heat = blend_windows(heat_parts, starts, weights, total).clamp_(0.0, 1.0)
-    coords = blend_windows(coord_parts, starts, weights, total).numpy()
-    return PredictedPoses(heatmaps=heat, coords=np.clip(coords, 0.0, 1.0).astype(np.float32))
+    window = max(2, min(int(window), total))
+    bar = tqdm(desc="poses from music", unit="window", disable=not show_progress, leave=False)
 
+    def progress(done: int, of: int) -> None:
+        bar.total = of
+        bar.update(1)
 
-def heatmaps_on_grid(heatmaps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(T, K, H, W) -> (T, K, h, w) by bilinear resampling, as stage B/C feed M2P heatmaps."""
-    import torch.nn.functional as F
-
-    if tuple(heatmaps.shape[-2:]) == tuple(grid):
-        return heatmaps
-    out = torch.empty((*heatmaps.shape[:2], *grid), dtype=heatmaps.dtype)
-    for a in range(0, heatmaps.shape[0], 64):  # in chunks: float32 only 64 frames at a time
-        out[a : a + 64] = F.interpolate(heatmaps[a : a + 64].float(), size=grid, mode="bilinear",
-                                        align_corners=False).to(heatmaps.dtype)
-    return out
+    try:
+        dance = sample_dance(m2p, np.concatenate([mel_n, base_n], 1), ref_pose, window=window,
+                             overlap=min(max(1, int(overlap)), window - 1), steps=int(steps),
+                             generator=int(seed), music_guidance_scale=music_guidance_scale,
+                             start_from_reference=start_from_reference, progress=progress)
+    finally:
+        bar.close()
+    return PredictedPoses(coords=np.clip(dance.coords, 0.0, 1.0).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +542,7 @@ def _check_inputs(cfg: C.GenerateConfig) -> None:
 def main(cfg: C.GenerateConfig) -> int:
     from dwm.shared import registry
     from dwm.training.models.animator import VIDEO_COMPONENTS, load_dance_model
+    from dwm.training.pose_sampling import dance_heatmaps
 
     _check_inputs(cfg)
     width, height = parse_resolution(cfg.resolution)
@@ -577,8 +571,9 @@ def main(cfg: C.GenerateConfig) -> int:
     print(f"generate: {num_frames} frames ({num_frames / cfg.fps:.2f} s at {cfg.fps:g} fps), "
           f"{width}x{height}, ckpt {cfg.ckpt}", flush=True)
 
-    # the photo first: a photo without a person should fail before the long work
-    ref = locate_reference(cfg.ref, width, height, pcfg, device, cfg.fps) if has_video else None
+    # the photo first (its body is the dance's reference): a photo without a person fails here,
+    # before the long work
+    ref = locate_reference(cfg.ref, width, height, pcfg, device, cfg.fps)
 
     # 1-2: music -> poses
     song = song_features(cfg.music, cfg.fps, num_frames, pcfg, device)
@@ -587,15 +582,17 @@ def main(cfg: C.GenerateConfig) -> int:
         print(f"note: {cfg.ckpt}/{TRAINING_INFO} names no training data statistics; the audio "
               "features go to the M2PEncoder unnormalised")
     poses = predict_poses(model.m2p, song.mel, song.baseline, meta["norm_stats"], audio_window,
-                          max(1, audio_window // 4), device, show)
+                          cfg.pose_overlap or max(1, audio_window // 4), device, show,
+                          ref_pose=ref.body, steps=cfg.pose_steps, seed=cfg.seed,
+                          music_guidance_scale=cfg.music_guidance_scale,
+                          start_from_reference=cfg.start_from_reference)
     skel = skeleton_path(out)
     # over the reference photo when it was located: one look shows whether the dance fits it
-    background = itertools.repeat(ref.image) if ref is not None else None
+    background = itertools.repeat(ref.image)
     media.skeleton_video(skel, poses.bodies(), cfg.fps, size=(width, height), audio=cfg.music,
                          background_frames=background)
     print(f"skeleton preview: {skel}", flush=True)
-    pjson = write_poses(poses_path(out), poses.bodies(), cfg.fps, width, height,
-                        ref.body if ref is not None else None)
+    pjson = write_poses(poses_path(out), poses.bodies(), cfg.fps, width, height, ref.body)
     print(f"poses: {pjson}", flush=True)
     if not has_video:
         print(f"ckpt={cfg.ckpt} has only the M2PEncoder (a stage-A model): wrote the skeleton "
@@ -628,7 +625,7 @@ def main(cfg: C.GenerateConfig) -> int:
         motion_bucket_id=int(train_setting(meta, "motion_bucket_id")),
         noise_aug_strength=float(train_setting(meta, "noise_aug_strength")))
     generator = torch.Generator().manual_seed(cfg.seed)
-    pose = heatmaps_on_grid(poses.heatmaps, grid)
+    pose = dance_heatmaps(model.m2p, poses.coords, grid)
     latents = sample_latents(model, pose, ref_latent, clip_embed,
                              torch.from_numpy(ref.face_embed), ref.face_detected, sf, settings,
                              generator, show)

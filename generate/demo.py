@@ -87,8 +87,8 @@ def generate_dance(ckpt: Path, music: Path, ref: Path, out: Path, cfg: C.DemoCon
         "window": window, "overlap": max(1, window // 4), "quiet": quiet,
         "models.profile": "tiny", "models.models_dir": models_dir,
     }
-    if pose_steps is not None and hasattr(C.GenerateConfig, "pose_steps"):
-        overrides["pose_steps"] = pose_steps  # (the one-step baseline; issue 14's sampler)
+    if pose_steps is not None:
+        overrides["pose_steps"] = pose_steps
     generate.main(C.apply_overrides(C.GenerateConfig(), overrides))
     return generate.poses_path(out)
 

@@ -27,11 +27,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import decord
 import numpy as np
+import torch
 
+from dwm.generate import evaluate
+from dwm.generate import pipeline as generate
+from dwm.preprocess import run as preprocess_run
+from dwm.preprocess.extractors import keypoints_file
 from dwm.shared import config as C
-from dwm.shared import contract, synthetic
+from dwm.shared import contract, media, registry, synthetic
 from dwm.shared.errors import UserFacingError
+from dwm.training import metrics, train
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 # quick=true (tests): stages B and C take the fewest steps that run every code path once (stage A
@@ -56,8 +63,6 @@ def _done(t: float) -> None:
 
 def _song_of(videos: list[Path]) -> Path:
     """The first video with an audio track: its music drives the generation."""
-    from dwm.shared import media
-
     for v in videos:
         try:
             if media.probe(v)["has_audio"]:
@@ -78,8 +83,6 @@ def generate_dance(ckpt: Path, music: Path, ref: Path, out: Path, cfg: C.DemoCon
                    models_dir: str, fps: float, window: int, seed: int = 0,
                    pose_steps: int | None = None, quiet: bool = False) -> Path:
     """``dwm generate`` for one song, photo and seed; returns the poses JSON it writes."""
-    from dwm.generate import pipeline as generate
-
     overrides: dict[str, Any] = {
         "music": str(music), "ref": str(ref), "out": str(out), "ckpt": str(ckpt),
         "steps": cfg.steps, "seed": seed, "max_seconds": cfg.generate_seconds,
@@ -118,8 +121,6 @@ KNOWN_ANSWER_ROWS = (("model", "trained model"), ("one_step", "one-step baseline
 def dance_scores(dances: list[np.ndarray], beat_frames: np.ndarray, ref_pose: np.ndarray,
                  fps: float, width: int, height: int) -> dict[str, float]:
     """Scores of several dances (seeds) of one song against the choreography's known answer."""
-    from dwm.training import metrics
-
     labels = [synthetic.classify_moves(d, beat_frames, width, height) for d in dances]
     differ = []
     for i in range(len(labels)):
@@ -154,8 +155,6 @@ def skeleton_strip(poses: np.ndarray, reference: np.ndarray, beat_frames: np.nda
                    out_png: Path, beats: int = 3, per_beat: int = 4) -> Path:
     """Frames of the skeleton over the reference photo across a few beats (``per_beat`` frames
     per beat), side by side, for one look at whether the dance moves on the beat."""
-    from dwm.shared import media
-
     first = 1 if len(beat_frames) > beats + 1 else 0
     picks = []
     for b in range(first, min(first + beats, len(beat_frames) - 1)):
@@ -171,12 +170,6 @@ def vae_round_trip_psnr(clip: Path, models: C.ModelsConfig, width: int, height: 
                         frames: int = 8) -> tuple[float, float]:
     """PSNR against the true frames of (VAE decode of their own latents, their mean frame): the
     best any video model can do through this VAE, beside a blank guess."""
-    import decord
-    import torch
-
-    from dwm.shared import registry
-    from dwm.training import metrics
-
     vr = decord.VideoReader(str(clip), width=width, height=height)
     real = vr.get_batch(list(range(min(frames, len(vr))))).asnumpy()
     vae, _ = registry.load_vae(models)
@@ -192,10 +185,6 @@ def vae_round_trip_psnr(clip: Path, models: C.ModelsConfig, width: int, height: 
 # the demo
 # ---------------------------------------------------------------------------------------------
 def main(cfg: C.DemoConfig) -> int:
-    from dwm.generate import evaluate
-    from dwm.generate import pipeline as generate
-    from dwm.preprocess import run as preprocess_run
-    from dwm.training import train
 
     out = Path(cfg.out).resolve()
     models_dir = str(out / "models")
@@ -283,7 +272,7 @@ def main(cfg: C.DemoConfig) -> int:
         t = _step("known answer (stage-A model, new beat track)")
         known = known_answer(cfg, ckpt_root / "stage_A" / "final", song, ref, ref_pose,
                              out / "known_answer", models_dir, fps, window)
-        skeleton_strip(read_poses(poses_json), _read_rgb(ref), known["beat_frames_array"],
+        skeleton_strip(read_poses(poses_json), media.read_image(ref), known["beat_frames_array"],
                        out / "skeleton_strip.png")
         _done(t)
 
@@ -367,17 +356,9 @@ def _add_to_eval(eval_dir: Path, known: dict | None, note: str, ceiling: float,
     md.write_text(md.read_text() + extra + "\n\n" + note + "\n")
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    from dwm.shared import media
-
-    return media.read_image(path)
-
-
 def reference_sidecar(video: Path, photo: Path, at: float = 0.5) -> Path:
     """The keypoints of the frame :func:`reference_from_video` took (at ``at`` of the video),
     from the video's sidecar, written as the photo's one-frame sidecar."""
-    from dwm.preprocess.extractors import keypoints_file
-
     kp = keypoints_file.load(keypoints_file.sidecar_path(video))
     frame = kp.points[min(kp.num_frames - 1, int(kp.num_frames * at))]
     out = keypoints_file.sidecar_path(photo)

@@ -6,6 +6,7 @@ others go on; editing a sidecar recomputes the pose only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,10 +18,15 @@ import pytest
 import soundfile as sf
 
 from dwm.datasets import iter_tar_samples
+from dwm.generate.pipeline import locate_reference
+from dwm.preprocess.extractors import keypoints_file as K
 from dwm.preprocess.extractors.pose import COCO_TO_OPENPOSE
 from dwm.shared import media
+from dwm.shared.config import build_preprocess_config
+from dwm.shared.errors import UserFacingError
 from dwm.shared.shards import decode_npy, load_manifest
-from dwm.shared.synthetic import AUDIO_SR, beat_track, choreography, render_frame
+from dwm.shared.synthetic import (AUDIO_SR, beat_track, choreography, make_demo_reference,
+                                  render_frame)
 
 W, H, FPS, SECONDS = 128, 224, 24.0, 2.0  # decode 64x112 = exactly half: the crop is the frame
 N = int(SECONDS * FPS)
@@ -198,8 +204,6 @@ def test_editing_a_sidecar_recomputes_only_its_pose(corpus, first_run, tiny_mode
 def test_sidecar_forms_and_one_line_errors(tmp_path):
     """The accepted forms (triples, OpenPose's flat list, null, score 0 / NaN = missing) and the
     reasons of bad files, each naming the file."""
-    from dwm.preprocess.extractors import keypoints_file as K
-
     path = tmp_path / "v.keypoints.json"
     body = _pixels(FPS, 0)[:3]
     flat = body[1].reshape(-1).tolist()
@@ -237,13 +241,6 @@ def test_sidecar_forms_and_one_line_errors(tmp_path):
 def test_generate_locates_the_photo_from_its_sidecar(tmp_path, tiny_models_cfg):
     """A model trained on keypoints files finds the person in the photo the same way: from
     ``<photo stem>.keypoints.json``; without one, one line says what to do."""
-    import dataclasses
-
-    from dwm.generate.pipeline import locate_reference
-    from dwm.shared.config import build_preprocess_config
-    from dwm.shared.errors import UserFacingError
-    from dwm.shared.synthetic import make_demo_reference
-
     photo, pose = make_demo_reference(tmp_path / "me.png", 128, 256)
     pcfg = build_preprocess_config(["profile=tiny", "pose.backend=file"])
     pcfg.models = dataclasses.replace(tiny_models_cfg)

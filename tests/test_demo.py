@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dwm.shared.cli", "demo", f"out={out}",
                           "steps=2", "quick=true", f"stage_a_steps={STAGE_A_STEPS}",
                           "generate_seconds=4", "seeds=2"],
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, env=env, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     paths = _printed_paths(res.stdout)
     for label in ("shards + manifest", "checkpoints", "final model", "TensorBoard logs",

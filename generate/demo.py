@@ -8,8 +8,8 @@ The default corpus is the known answer of stage A (:func:`dwm.shared.synthetic.c
 stick-figure dancer makes one of three arm moves on every beat, chosen at random, placed and
 sized differently in every clip, on beat tracks of several tempos. Each clip carries its true
 keypoints (``<stem>.keypoints.json``) and preprocessing reads them (``pose.backend=file``), so the
-poses stage A learns from are the ones the pictures show. Stage A trains long enough to learn the
-choreography; the demo then dances to a beat track no clip has, from a reference photo of the
+poses stage A learns from are the ones the pictures show. Stage A trains the steps in which issue
+14's known-answer test learns such a choreography; the demo then dances to a beat track no clip has, from a reference photo of the
 dancer standing where no clip puts them, and scores the trained model, its one-step
 (deterministic) prediction and the ground truth on that song: valid moves, how often seeds choose
 different moves, seed diversity, beat F1 and the distance of frame 0 to the reference.
@@ -245,7 +245,7 @@ def main(cfg: C.DemoConfig) -> int:
     base = ["model_size=tiny", f"data={data / 'manifest.json'}", f"output_dir={ckpt_root}",
             f"models.models_dir={models_dir}", *COMMON_TRAIN,
             *[f"{k}={v}" for k, v in steps.items()]]
-    t = _step(f"train A (tiny, {steps['stage_a_steps']} steps: learns the choreography)")
+    t = _step(f"train A (tiny, {steps['stage_a_steps']} steps on the choreography)")
     train.main(C.build_train_config([*base, "stage=A", *STAGE_A_OVERRIDES]))
     _done(t)
     t = _step(f"train B -> C (tiny, {steps['stage_b_steps']} + {steps['stage_c_steps']} steps: "

@@ -319,8 +319,8 @@ class DemoConfig:
     steps: int = 4  # sampling steps of the video (generate and eval)
     generate_seconds: float = 8.0  # length of the new beat track and of the generated dance
     seeds: int = 4  # dances sampled per model for the known-answer table (seed diversity)
-    # stage A learns the choreography (~800 tiny steps); B and C only run the chain: with the
-    # tiny profile's random-init VAE no number of steps makes the frames show the figure
+    # stage A: the budget of issue 14's known answer (~800 tiny steps); B and C only run the
+    # chain: with the tiny profile's random-init VAE no number of steps makes frames show the figure
     stage_a_steps: int = 800
     stage_b_steps: int = 8
     stage_c_steps: int = 4

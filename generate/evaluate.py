@@ -645,6 +645,8 @@ def main(cfg: C.EvalConfig) -> int:
     video = None
     if has_video:
         pcfg = G.preprocess_config(cfg.models, recorded=manifest.get("config"))
+        if pcfg.pose.backend == "file":  # generated frames have no keypoints file: a model looks
+            pcfg.pose.backend = C.PoseConfig().backend
         comps = ["vae", "insightface"] + (["dwpose"] if pcfg.pose.backend == "dwpose" else [])
         weights.ensure_available(cfg.models, comps)
         vclips = load_clips(manifest, split, cfg.video_samples, VIDEO_FEATURES, VIDEO_OPTIONAL)

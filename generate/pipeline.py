@@ -23,6 +23,7 @@ Same seed and inputs -> the same output bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -709,23 +710,23 @@ def poses_path(out: str | Path) -> Path:
 
 def poses_document(output: DanceOutput, music: str | Path = "",
                    reference_image: str | Path = "", seed: int | None = None) -> dict[str, Any]:
-    """The dance as data: OpenPose-18 keypoints per frame in pixels of the output video, with
-    the reference body found in the photo, for ControlNet-style tools and for ``dwm eval``."""
+    """The dance as data: OpenPose-18 keypoints per frame in pixels of the output video, in the
+    keypoints-file schema that ``pose.backend=file`` reads (README, "Keypoints from files"),
+    with the reference body found in the photo, for ControlNet-style tools and ``dwm eval``."""
     width, height = output.size
     scale = np.array([width, height, 1.0], np.float32)
 
     def pixels(body: np.ndarray) -> list[list[float]]:
-        return [[round(float(v), 2) for v in joint] for joint in np.asarray(body) * scale]
+        return np.round(np.asarray(body, np.float32) * scale, 2).tolist()
 
     ref = output.reference
     return {
-        "format": "openpose-18", "joints": list(contract.BODY_JOINTS),
-        "fps": float(output.song.fps), "width": width, "height": height,
-        "num_frames": int(output.poses.coords.shape[0]),
+        "layout": "openpose_18", "fps": float(output.song.fps), "width": width,
+        "height": height, "frames": [pixels(body) for body in output.poses.bodies()],
+        "joints": list(contract.BODY_JOINTS), "num_frames": int(output.poses.coords.shape[0]),
+        "reference": pixels(ref.body), "reference_crop_box": list(ref.crop_box),
+        "reference_face_detected": bool(ref.face_detected),
         "music": str(music), "reference_image": str(reference_image), "seed": seed,
-        "reference": {"body": pixels(ref.body), "crop_box": list(ref.crop_box),
-                      "face_detected": bool(ref.face_detected)},
-        "frames": [pixels(body) for body in output.poses.bodies()],
     }
 
 

@@ -6,12 +6,15 @@ decoded again):
 1. probe (content: is it a video? fps, size, rotation, audio?) -> the decode plan (segments);
 2. pose on the uncropped, aspect-kept frames -> the main dancer's track -> one crop per segment
    centred on the dancer (centre crop when pose is off or finds nobody; the report says so);
+   with ``pose.backend=file`` the keypoints come from the video's sidecar file (nothing decoded),
+   and the file's content hash is part of the pose key;
 3. audio features from the audio track (no frames needed);
 4. one more sequential decode for the frame extractors that are missing (face, latents, clip,
    thumbs), on the cropped frames, segment by segment.
 
-The keys of 4 depend on the crop boxes' *values* (and face's on the pose face points' values), so
-a pose change that leaves the crops alone does not recompute the latents.
+The keys of 4 depend on the crop boxes' *values* (and face's on the values of the pose's head
+joints and face points), so a pose change that leaves the crops alone does not recompute the
+latents.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from . import extractors as X
 from .cache import EntryWriter, FeatureCache, array_digest, entry_key
 from .decode import DecodeError, Plan, SegmentReader, centre_crop_box, crop, make_plan
 from .extractors.audio import AudioBatch
+from .extractors.face import HEAD_JOINTS
+from .extractors.keypoints_file import KeypointsFileError
 from .extractors.pose import choose_crop, keep_inside, pose_arrays, render_heatmaps, to_crop
 from .probe import PROBE_VERSION, NotAVideo, ProbeInfo, probe_file
 
@@ -90,6 +95,8 @@ class VideoProcessor:
             self._process(task, row)
         except NotAVideo as e:
             row.update(status=e.status, reason=e.reason)
+        except KeypointsFileError as e:  # pose.backend=file: this video's sidecar (named)
+            row.update(status="failed", reason=str(e))
         except DecodeError as e:
             row.update(status="failed",
                        reason=str(e) if task.path in str(e) else f"{task.path}: {e}")
@@ -133,9 +140,10 @@ class VideoProcessor:
         # 2. pose -> crops
         t0 = time.perf_counter()
         if "pose" in self.extractors:
-            keys["pose"] = self.key("pose", base_inputs)
+            pose_inputs = {**base_inputs, **self.extractors["pose"].file_inputs(task.path)}
+            keys["pose"] = self.key("pose", pose_inputs)
             if not cache.has(vh, "pose", keys["pose"]):
-                self._run_pose(task, probe, plan, keys["pose"], base_inputs, row)
+                self._run_pose(task, probe, plan, keys["pose"], pose_inputs, row)
             attrs = dict(cache.open(vh, "pose", keys["pose"]).attrs)
             crops = [tuple(c) for c in attrs["crop_boxes"]]
             frac = float(attrs["person_fraction"])
@@ -224,17 +232,20 @@ class VideoProcessor:
         ds = cfg.pose.heatmap_downsample
         h, w = plan.height // ds, plan.width // ds
         ctx = X.VideoContext(task.video_hash, task.path, plan.num_frames, plan.fps,
-                             plan.decode_width, plan.decode_height, probe.duration)
+                             plan.decode_width, plan.decode_height, probe.duration,
+                             source_frames=probe.num_frames, source_fps=probe.orig_fps)
         ext.reset(ctx)
         writer = self._writer(task.video_hash, "pose", key, inputs)
         try:
             self._create_arrays(writer, pose_arrays(len(plan.segments), h, w), plan.num_frames,
                                 cfg.decode.segment_frames)
-            reader = SegmentReader(task.path, probe, plan)
+            reader = SegmentReader(task.path, probe, plan) if ext.needs_frames else None
             crops, centre_fallback, found_total = [], [], 0
             digest = hashlib.sha256()
             bs = max(1, ext.batch_size)
-            for si, start, length, frames in reader.segments(prefetch=True):
+            segments = (reader.segments(prefetch=True) if reader is not None
+                        else _frameless_segments(plan))
+            for si, start, length, frames in segments:
                 parts = []
                 for b in range(0, length, bs):
                     idx = np.arange(start + b, start + min(b + bs, length))
@@ -254,10 +265,15 @@ class VideoProcessor:
                 found_total += int(res["found"].sum())
                 for k, v in out.items():
                     writer.arrays[k][start : start + length] = v
-                digest.update(out["body"].tobytes() + out["face"].tobytes())
-            reader.close()  # decord's decoder thread busy-waits while its reader is open
-            self.decoded_frames += reader.frames_decoded
-            row["timings"]["decode"] = round(row["timings"].get("decode", 0) + reader.seconds, 4)
+                # what the face extractor reads of the pose: head joints and face points (so a
+                # change of the arms or legs does not recompute the faces)
+                digest.update(np.ascontiguousarray(out["body"][:, list(HEAD_JOINTS)]).tobytes()
+                              + out["face"].tobytes())
+            if reader is not None:
+                reader.close()  # decord's decoder thread busy-waits while its reader is open
+                self.decoded_frames += reader.frames_decoded
+                row["timings"]["decode"] = round(row["timings"].get("decode", 0) + reader.seconds,
+                                                 4)
             crops_arr = np.asarray(crops, np.int32)
             writer.put("crop_boxes", crops_arr, "per segment [x0, y0, x1, y1] in decode pixels")
             writer.put("crop_boxes_orig", crops_arr / plan.scale,
@@ -352,6 +368,13 @@ class VideoProcessor:
             for w in writers.values():
                 w.abort()
             raise
+
+
+def _frameless_segments(plan: Plan):
+    """The plan's segments with no pixels (frames of shape (T, 0, 0, 3)), for a pose read from a
+    file: the indices are what it needs."""
+    for si, (start, length) in enumerate(plan.segments):
+        yield si, start, length, np.zeros((length, 0, 0, 3), np.uint8)
 
 
 AUDIO_THREAD_NICE = 10  # how much lower the audio thread's CPU priority is (0: the same)

@@ -32,6 +32,7 @@ from dwm.shared.contract import LATENT_DOWNSAMPLE
 
 from . import extractors as X
 from .cache import FeatureCache
+from .extractors.keypoints_file import is_sidecar
 from .pipeline import VideoProcessor, VideoTask, cache_root, sha256_file
 from .write_shards import merge_manifests, write_dataset
 
@@ -106,7 +107,9 @@ def required_components(cfg: PreprocessConfig) -> list[str]:
 
 
 def discover(input_dir: str, exclude: list[str]) -> list[str]:
-    """Every regular, non-hidden file under input_dir (sorted); content decides later."""
+    """Every regular, non-hidden file under input_dir (sorted); content decides later. Keypoint
+    sidecars (``*.keypoints.json``, read with their video by ``pose.backend=file``) are not
+    candidates."""
     excl = [os.path.realpath(e) for e in exclude]
     found = []
     for dirpath, dirs, files in os.walk(input_dir, followlinks=False):
@@ -116,7 +119,7 @@ def discover(input_dir: str, exclude: list[str]) -> list[str]:
         if any(real == e for e in excl):
             continue
         for f in sorted(files):
-            if f.startswith("."):
+            if f.startswith(".") or is_sidecar(f):
                 continue
             p = os.path.join(dirpath, f)
             if os.path.isfile(p):

@@ -69,7 +69,8 @@ class AudioConfig:
 
 @dataclass
 class PoseConfig:
-    backend: Literal["dwpose", "mediapipe"] = "dwpose"
+    # "file": no model; keypoints from <video stem>.keypoints.json beside each video (README)
+    backend: Literal["dwpose", "mediapipe", "file"] = "dwpose"
     heatmap_downsample: int = 8  # heatmaps at latent resolution (image / 8)
     heatmap_sigma: float = 1.5  # Gaussian sigma, in heatmap pixels
     min_score: float = 0.3  # keypoints below this score count as missing
@@ -274,7 +275,8 @@ class GenerateConfig:
     pose_steps: int = 16  # Heun steps of the pose denoiser (1 = the deterministic one-step)
     music_guidance_scale: float = 1.0  # classifier-free guidance on the music (1 = off)
     start_from_reference: bool = True  # frame 0 of the dance = the photo's pose
-    pose_backend: Literal["", "dwpose", "mediapipe"] = ""  # locating the person ("": profile's)
+    # locating the person ("": the training data's); "file": <photo stem>.keypoints.json beside it
+    pose_backend: Literal["", "dwpose", "mediapipe", "file"] = ""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on cuda, fp32 on cpu
     quiet: bool = False  # no progress bars
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -361,15 +363,21 @@ class BenchConfig:
 
 @dataclass
 class DemoConfig:
-    videos: str = ""  # empty: generate small test videos with a beat track
+    videos: str = ""  # empty: generate the known-answer corpus (choreography clips + keypoints)
     out: str = "demo_out"
-    seconds: float = 4.0  # length of the generated song/video
-    clips: int = 3  # generated clips (when videos is empty)
+    seconds: float = 6.0  # length of each generated clip
+    clips: int = 8  # generated clips (when videos is empty), on beat tracks of several tempos
     width: int = 128  # preprocessing (and generation) frame size: small, for 2 CPU cores
     height: int = 256  # sides multiples of 64: the tiny M2PEncoder upsamples its heatmaps x8
-    steps: int = 4  # sampling steps of generate and eval
-    generate_seconds: float = 2.0  # length of the generated dance
-    quick: bool = False  # a few training steps per stage only (tests)
+    steps: int = 4  # sampling steps of the video (generate and eval)
+    generate_seconds: float = 8.0  # length of the new beat track and of the generated dance
+    seeds: int = 4  # dances sampled per model for the known-answer table (seed diversity)
+    # stage A: the budget of issue 14's known answer (~800 tiny steps); B and C only run the
+    # chain: with the tiny profile's random-init VAE no number of steps makes frames show the figure
+    stage_a_steps: int = 800
+    stage_b_steps: int = 8
+    stage_c_steps: int = 4
+    quick: bool = False  # stages B and C 2 steps each (tests); stage A keeps stage_a_steps
 
 
 # Short names accepted on the command line.

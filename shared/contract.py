@@ -32,6 +32,8 @@ BODY_JOINTS = (
 NUM_BODY_JOINTS = len(BODY_JOINTS)  # K = 18
 NUM_HAND_JOINTS = 21  # per hand; hands stored as (left 21, right 21)
 NUM_FACE_POINTS = 68
+# pose.backend=file reads a video's keypoints from "<video stem>" + this, beside it (README)
+KEYPOINTS_SIDECAR_SUFFIX = ".keypoints.json"
 # OpenPose limb pairs, used for drawing skeletons.
 BODY_LIMBS = (
     (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),

@@ -12,6 +12,7 @@ check a pose sequence against it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import cv2
 import numpy as np
 import soundfile as sf
 
-from .contract import BODY_LIMBS
+from .contract import BODY_LIMBS, KEYPOINTS_SIDECAR_SUFFIX
 
 AUDIO_SR = 22050
 
@@ -94,16 +95,20 @@ def render_frame(pts: np.ndarray, width: int, height: int, hue: int = 0) -> np.n
 
 
 def make_dance_clip(path: str | Path, seconds: float = 4.0, bpm: float = 120.0, fps: float = 24.0,
-                    width: int = 288, height: int = 512, seed: int = 0, audio: bool = True) -> Path:
-    """Write an mp4 of the stick-figure dancer moving on the beat of its own track."""
+                    width: int = 288, height: int = 512, seed: int = 0, audio: bool = True,
+                    keypoints: bool = False) -> Path:
+    """Write an mp4 of the stick-figure dancer moving on the beat of its own track; with
+    ``keypoints``, also its true poses as ``<stem>.keypoints.json`` (``pose.backend=file``)."""
     from .media import write_video
 
     path = Path(path)
     rng = np.random.default_rng(seed)
     phase, hue = float(rng.uniform(0, 2 * math.pi)), int(rng.integers(0, 180))
     n = int(round(seconds * fps))
-    frames = (render_frame(dancer_pose(i / fps, bpm, width, height, phase), width, height, hue)
-              for i in range(n))
+    poses = [dancer_pose(i / fps, bpm, width, height, phase) for i in range(n)]
+    if keypoints:
+        write_keypoints_file(path, np.stack(poses), fps, width, height)
+    frames = (render_frame(pts, width, height, hue) for pts in poses)
     wav = None
     if audio:
         wav = path.with_suffix(".wav")
@@ -116,13 +121,32 @@ def make_dance_clip(path: str | Path, seconds: float = 4.0, bpm: float = 120.0, 
     return path
 
 
-def make_demo_corpus(out_dir: str | Path, n: int = 3, seconds: float = 4.0, **kw) -> list[Path]:
-    """``n`` clips at different tempi (100-140 BPM), each with its beat track."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bpms = np.linspace(100, 140, n) if n > 1 else [120.0]
-    return [make_dance_clip(out_dir / f"synthetic_{i:02d}_{int(b)}bpm.mp4", seconds, float(b),
-                            seed=i, **kw) for i, b in enumerate(bpms)]
+def keypoints_document(body: np.ndarray, fps: float, width: int, height: int) -> dict:
+    """(T, 18, 2) pixels (or (T, 18, 3) with scores) -> the ``pose.backend=file`` JSON document
+    (OpenPose-18 layout); points outside the frame get score 0."""
+    body = np.asarray(body, np.float64)
+    if body.shape[-1] == 2:
+        inside = ((body[..., 0] >= 0) & (body[..., 0] < width) & (body[..., 1] >= 0)
+                  & (body[..., 1] < height))
+        body = np.concatenate([body, inside[..., None].astype(np.float64)], axis=-1)
+    frames = [[[round(float(x), 2), round(float(y), 2), round(float(c), 3)] for x, y, c in f]
+              for f in body]
+    return {"layout": "openpose_18", "fps": float(fps), "width": int(width), "height": int(height),
+            "frames": frames}
+
+
+def sidecar_of(path: str | Path) -> Path:
+    """``dir/dance.mp4`` -> ``dir/dance.keypoints.json`` (what ``pose.backend=file`` reads)."""
+    path = Path(path)
+    return path.with_name(path.stem + KEYPOINTS_SIDECAR_SUFFIX)
+
+
+def write_keypoints_file(video_path: str | Path, body: np.ndarray, fps: float, width: int,
+                         height: int) -> Path:
+    """Write ``<video stem>.keypoints.json`` beside ``video_path``."""
+    out = sidecar_of(video_path)
+    out.write_text(json.dumps(keypoints_document(body, fps, width, height)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,3 +331,123 @@ def valid_moves(coords: np.ndarray, beat_frames: np.ndarray, width: int, height:
     :func:`classify_moves`)."""
     labels = classify_moves(coords, beat_frames, width, height, tolerance, max_shift)
     return float((labels >= 0).mean()) if len(labels) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo corpus: choreography clips whose pictures and keypoints files agree
+# ---------------------------------------------------------------------------------------------
+DEMO_TEMPOS = (96.0, 108.0, 120.0, 132.0, 144.0)  # BPM of the training clips, cycled
+DEMO_SONG_TEMPO = 114.0  # the demo's new beat track: a tempo no training clip has
+# where the demo's reference photo puts the dancer (mid-torso, [0, 1]) and how tall (of the
+# frame): off-centre and smaller than any training clip (x 0.35-0.65, 55-75% tall)
+DEMO_REFERENCE_PLACE = ((0.3, 0.56), 0.5)
+REST_MOVE = -1  # body_units_pose's arms at rest
+
+
+def unit_pixels(c: Choreography) -> float:
+    """Pixels per body unit (the torso length) of a choreography's dancer."""
+    return c.height * c.scale / BODY_HEIGHT_UNITS
+
+
+def render_dancer(keypoints: np.ndarray, width: int, height: int, unit_px: float,
+                  hue: int = 0) -> np.ndarray:
+    """One frame of the figure drawn on its keypoints ((18, 2+) pixels): every limb from joint to
+    joint and the head on the nose, so that the picture and the keypoints file agree."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:] = np.linspace(40, 90, height, dtype=np.uint8)[:, None, None]  # floor-to-wall gradient
+    color = tuple(int(v) for v in
+                  cv2.cvtColor(np.uint8([[[hue % 180, 160, 230]]]), cv2.COLOR_HSV2RGB)[0, 0])
+    thick = max(2, int(round(0.14 * unit_px)))
+    pt = [tuple(int(round(v)) for v in keypoints[j, :2]) for j in range(len(keypoints))]
+    for a, b in BODY_LIMBS:
+        if a in (0, 14, 15, 16, 17) or b in (0, 14, 15, 16, 17):
+            continue  # the head is a disc, drawn last
+        cv2.line(img, pt[a], pt[b], color, thick, cv2.LINE_AA)
+    cv2.line(img, pt[1], pt[0], color, thick, cv2.LINE_AA)  # the neck up to the nose
+    cv2.circle(img, pt[0], max(2, int(round(0.3 * unit_px))), (224, 182, 150), -1, cv2.LINE_AA)
+    for eye in (14, 15):
+        cv2.circle(img, pt[eye], max(1, int(round(0.05 * unit_px))), (30, 30, 30), -1,
+                   cv2.LINE_AA)
+    return img
+
+
+def render_choreography(c: Choreography, hue: int = 0) -> list[np.ndarray]:
+    px = c.keypoints[..., :2] * np.array([c.width, c.height])
+    return [render_dancer(f, c.width, c.height, unit_pixels(c), hue) for f in px]
+
+
+def keypoints_pixels(c: Choreography) -> np.ndarray:
+    """(T, 18, 3): x, y in pixels of the frame, score."""
+    return c.keypoints * np.array([c.width, c.height, 1.0], np.float32)
+
+
+def make_choreography_clip(path: str | Path, seconds: float, bpm: float, fps: float = 24.0,
+                           width: int = 128, height: int = 256,
+                           centre: tuple[float, float] = (0.5, 0.5), scale: float = 0.7,
+                           seed: int = 0, hue: int = 0) -> tuple[Path, Choreography]:
+    """An mp4 of :func:`choreography` on its own beat track (beats at i * 60 / bpm, as the
+    dance's), with its true keypoints beside it as ``<stem>.keypoints.json``."""
+    from .media import write_video
+
+    path = Path(path)
+    c = choreography(seconds, bpm, fps, width=width, height=height, centre=centre, scale=scale,
+                     seed=seed)
+    write_keypoints_file(path, keypoints_pixels(c), fps, width, height)
+    wav = path.with_suffix(".wav")
+    sf.write(wav, beat_track(seconds, bpm, seed=seed), AUDIO_SR)
+    try:
+        write_video(path, render_choreography(c, hue), fps, audio=wav, preset="veryfast")
+    finally:
+        wav.unlink(missing_ok=True)
+    return path, c
+
+
+def make_demo_corpus(out_dir: str | Path, n: int = 5, seconds: float = 4.0, fps: float = 24.0,
+                     width: int = 128, height: int = 256, seed: int = 0) -> list[Path]:
+    """``n`` choreography clips on beat tracks of :data:`DEMO_TEMPOS` (cycled), each placed and
+    sized at random (mid-torso x in [0.35, 0.65], y in [0.45, 0.55]; 55-75% of the frame tall)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(n):
+        bpm = DEMO_TEMPOS[i % len(DEMO_TEMPOS)]
+        centre = (float(rng.uniform(0.35, 0.65)), float(rng.uniform(0.45, 0.55)))
+        scale = float(rng.uniform(0.55, 0.75))
+        path, _ = make_choreography_clip(out_dir / f"dance_{i:02d}_{int(bpm)}bpm.mp4", seconds,
+                                         bpm, fps, width, height, centre, scale,
+                                         seed=seed * 1000 + i, hue=int(rng.integers(0, 180)))
+        clips.append(path)
+    return clips
+
+
+def rest_pose(width: int, height: int, centre: tuple[float, float], scale: float) -> np.ndarray:
+    """(18, 3) the dancer standing with the arms at rest (every move's first and last pose), x, y
+    in [0, 1] of the frame."""
+    units = body_units_pose(np.array([REST_MOVE]), np.zeros(1))[0]
+    px = height * scale / BODY_HEIGHT_UNITS
+    xy = (units - np.array([0.0, _TORSO / 2])) * px + np.array([centre[0] * width,
+                                                               centre[1] * height])
+    return np.concatenate([xy / np.array([width, height]), np.ones((18, 1))], -1).astype(np.float32)
+
+
+def make_demo_reference(path: str | Path, width: int = 128, height: int = 256,
+                        centre: tuple[float, float] = DEMO_REFERENCE_PLACE[0],
+                        scale: float = DEMO_REFERENCE_PLACE[1], hue: int = 100) -> tuple[Path, np.ndarray]:
+    """A PNG of the dancer at rest, standing where no training clip puts them, with its
+    keypoints (one frame) beside it; returns (path, (18, 3) keypoints in [0, 1])."""
+    path = Path(path)
+    pose = rest_pose(width, height, centre, scale)
+    px = pose * np.array([width, height, 1.0], np.float32)
+    img = render_dancer(px, width, height, height * scale / BODY_HEIGHT_UNITS, hue)
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    write_keypoints_file(path, px[None], 24.0, width, height)
+    return path, pose
+
+
+def make_demo_song(path: str | Path, seconds: float, bpm: float = DEMO_SONG_TEMPO,
+                   seed: int = 777) -> Path:
+    """A beat track no training clip has (another tempo and seed), as a WAV file."""
+    path = Path(path)
+    sf.write(path, beat_track(seconds, bpm, seed=seed), AUDIO_SR)
+    return path

@@ -174,7 +174,7 @@ def test_stage_a_checkpoint_writes_only_the_skeleton(tiny_final_stage_a, tiny_mo
     assert G.skeleton_path(out).is_file()
     assert "wrote the poses and the skeleton preview" in capsys.readouterr().out
     doc = json.loads(G.poses_path(out).read_text())
-    assert doc["format"] == "openpose-18" and len(doc["joints"]) == 18
+    assert doc["layout"] == "openpose_18" and len(doc["joints"]) == 18
     assert len(doc["frames"]) == doc["num_frames"] > 0
     assert all(len(frame) == 18 and len(frame[0]) == 3 for frame in doc["frames"])
     xs = np.array([[j[0] for j in f] for f in doc["frames"]])

@@ -49,6 +49,8 @@ class VideoContext:
     width: int  # frame size the extractor sees
     height: int
     duration: float = 0.0
+    source_frames: int = 0  # frames of the source video at source_fps (0: unknown)
+    source_fps: float = 0.0
 
 
 class Extractor:
@@ -66,6 +68,11 @@ class Extractor:
     # -- identity -------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """What affects the output (goes into the cache key)."""
+        return {}
+
+    def file_inputs(self, path: str) -> dict[str, str]:
+        """Content hashes of the side files this extractor reads for the video at ``path``
+        (they go into its cache key, so editing one recomputes this entry only)."""
         return {}
 
     # -- lifecycle ------------------------------------------------------------------------

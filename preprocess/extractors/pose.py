@@ -23,6 +23,7 @@ import numpy as np
 from dwm.shared import weights
 from dwm.shared.contract import NUM_BODY_JOINTS, NUM_FACE_POINTS, NUM_HAND_JOINTS
 
+from . import keypoints_file
 from .base import ArraySpec, Extractor, FrameBatch, VideoContext
 
 N_HANDS = 2 * NUM_HAND_JOINTS
@@ -32,6 +33,9 @@ COCO_TO_OPENPOSE = (0, -1, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3
 WB_FACE = slice(23, 91)  # 68 face points
 WB_LHAND = slice(91, 112)
 WB_RHAND = slice(112, 133)
+
+# OpenPose BODY_25 index of each OpenPose-18 joint (25 adds mid-hip 8 and six foot points).
+BODY25_TO_OPENPOSE = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 
 # BlazePose (33) index of each OpenPose-18 joint; -1 = neck.
 BLAZE_TO_OPENPOSE = (0, -1, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
@@ -63,6 +67,14 @@ def wholebody_to_person(kpts: np.ndarray, scores: np.ndarray, box=None) -> dict[
     p["face"] = pts[WB_FACE].copy()
     p["hands"] = np.concatenate([pts[WB_LHAND], pts[WB_RHAND]], axis=0)
     p["box"] = np.asarray(box if box is not None else _box_of(p["body"], 0.0), np.float32)[:4]
+    return p
+
+
+def openpose_to_person(pts: np.ndarray, layout: str) -> dict[str, np.ndarray]:
+    """OpenPose-18 or BODY_25 (N, 3) -> our layout (pixels); no hand or face points."""
+    p = _empty_person()
+    p["body"] = pts[list(BODY25_TO_OPENPOSE) if layout == "openpose_25" else slice(0, 18)].copy()
+    p["box"] = _box_of(p["body"], 1e-6)
     return p
 
 
@@ -157,7 +169,7 @@ class _MediapipeBackend:
         self.mp = mp
         self.pose = None
 
-    def reset(self) -> None:
+    def reset(self, ctx: VideoContext) -> None:
         if self.pose is not None:
             self.pose.close()
         # model_complexity=1 is the model inside the 0.10.14 wheel (0 and 2 would download).
@@ -187,7 +199,7 @@ class _DWposeBackend:
         self.pose = RTMPose(str(pose_path), model_input_size=(288, 384), backend="onnxruntime",
                             device=dev)
 
-    def reset(self) -> None:
+    def reset(self, ctx: VideoContext) -> None:
         pass
 
     def __call__(self, frame_rgb: np.ndarray) -> list[dict]:
@@ -200,6 +212,27 @@ class _DWposeBackend:
         kpts = np.asarray(kpts, np.float32).reshape(len(boxes), -1, 2)
         scores = np.asarray(scores, np.float32).reshape(len(boxes), -1)
         return [wholebody_to_person(k, s, b) for k, s, b in zip(kpts, scores, boxes)]
+
+
+class _FileBackend:
+    """Keypoints of each video from its sidecar file, scaled to the frames the pose sees."""
+
+    def reset(self, ctx: VideoContext) -> None:
+        kp = keypoints_file.load(keypoints_file.sidecar_path(ctx.path))
+        keypoints_file.check_fits(kp, ctx.source_frames or ctx.num_frames,
+                                  ctx.source_fps or ctx.fps, ctx.width, ctx.height)
+        pts = kp.points.copy()
+        pts[..., 0] *= ctx.width / kp.width
+        pts[..., 1] *= ctx.height / kp.height
+        self.kp, self.fps = kp, ctx.fps
+        if kp.layout == "coco_wholebody_133":
+            self.persons = [wholebody_to_person(f[:, :2], f[:, 2]) for f in pts]
+        else:
+            self.persons = [openpose_to_person(f, kp.layout) for f in pts]
+
+    def at(self, index: np.ndarray) -> list[dict | None]:
+        return [self.persons[k] if self.kp.present[k] else None
+                for k in keypoints_file.frame_at(self.kp, index, self.fps)]
 
 
 class PoseExtractor(Extractor):
@@ -222,8 +255,20 @@ class PoseExtractor(Extractor):
             c["models"] = {"profile": m.profile, "det": m.dwpose_det, "pose": m.dwpose_pose}
         return c
 
+    @property
+    def needs_frames(self) -> bool:
+        """False for ``file``: the keypoints are read, not seen, so nothing is decoded for them."""
+        return self.cfg.pose.backend != "file"
+
+    def file_inputs(self, path: str) -> dict[str, str]:
+        if self.cfg.pose.backend != "file":
+            return {}
+        return {"keypoints": keypoints_file.file_digest(keypoints_file.sidecar_path(path))}
+
     def setup(self) -> None:
-        if self.cfg.pose.backend == "mediapipe":
+        if self.cfg.pose.backend == "file":
+            self.backend = _FileBackend()
+        elif self.cfg.pose.backend == "mediapipe":
             self.backend = _MediapipeBackend(self.device)
         else:
             self.backend = _DWposeBackend(self.cfg.models, self.device)
@@ -231,14 +276,19 @@ class PoseExtractor(Extractor):
     def reset(self, ctx: VideoContext) -> None:
         super().reset(ctx)
         self.ensure_setup()
-        self.backend.reset()
+        self.backend.reset(ctx)
         self.tracker = MainDancerTracker(ctx.width, ctx.height, ctx.fps, self.cfg.pose.min_score)
 
     def process(self, batch: FrameBatch) -> dict[str, np.ndarray]:
         out = {k: [] for k in ("body", "hands", "face")}
         found = []
-        for frame in batch.frames:
-            person = self.tracker.update(self.backend(frame))
+        if self.cfg.pose.backend == "file":
+            min_score = self.cfg.pose.min_score
+            persons = [p if p is not None and (p["body"][:, 2] >= min_score).sum() >= 3 else None
+                       for p in self.backend.at(batch.index)]
+        else:
+            persons = [self.tracker.update(self.backend(frame)) for frame in batch.frames]
+        for person in persons:
             found.append(person is not None)
             person = person or _empty_person()
             for k in out:

@@ -57,3 +57,4 @@ def music_ogg() -> Path:
 from fixtures_models import *  # noqa: E402,F401,F403
 from fixtures_data import *  # noqa: E402,F401,F403
 from fixtures_launch import *  # noqa: E402,F401,F403
+from fixtures_known_answer import *  # noqa: E402,F401,F403

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from dwm.shared import cli, media
+from dwm.shared import cli, contract, media
 from dwm.shared.errors import UserFacingError
 from dwm.shared import config as C
 from dwm.generate import pipeline as G
+from dwm.training import metrics
 
 FPS = 24.0
+BONE_ERROR_MAX = 0.5  # mean limb-length error, in units of the photo's mean limb length
 SECONDS = 1.0
 RESOLUTION = "64x128"  # latent 8x16: the tiny UNet's one downsampling needs even sides
 
@@ -227,3 +229,39 @@ def test_reference_from_video_saves_a_display_frame(tmp_path):
     assert img.shape == (160, 96, 3) and img.std() > 5  # the dancer, not a blank frame
     with pytest.raises(UserFacingError):
         G.reference_from_video(png, tmp_path / "x.png")  # a picture is not a video
+
+
+# ---------------------------------------------------------------------------------------------
+# the dance fits the person in the photo (a stage A trained on the known-answer corpus)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dances_to_the_photo(known_answer_run, offcentre_dancer, tiny_models_cfg, music_ogg):
+    pipe = G.DancePipeline.from_pretrained(known_answer_run.final_dir, models=tiny_models_cfg,
+                                           pose_backend="mediapipe", show_progress=False)
+    return [pipe(music_ogg, offcentre_dancer, seed=seed, fps=FPS, resolution="256x448",
+                 max_seconds=4.0, pose_steps=8) for seed in (0, 1)]
+
+
+def test_the_dance_starts_from_and_keeps_the_photos_body(dances_to_the_photo):
+    """A real full-body photo, the dancer small and low on the left (where no training dancer
+    stood): frame 0 is their pose, the dance stays where they stand, in their proportions."""
+    neck = contract.BODY_JOINTS.index("neck")
+    ref = dances_to_the_photo[0].reference.body
+    seen = ref[:, 2] >= 0.3
+    assert seen.sum() >= 12 and ref[neck, 0] < 0.45  # mediapipe found the body, on the left
+    for out in dances_to_the_photo:
+        dance = out.poses.bodies()
+        assert np.abs(dance[0, seen, :2] - ref[seen, :2]).max() < 0.05
+        consistency = metrics.reference_consistency(dance, ref)
+        assert consistency["frame0_distance"] < 0.05
+        assert consistency["bone_length_error"] < BONE_ERROR_MAX, consistency
+        assert consistency["in_frame"] > 0.95
+        assert np.abs(dance[:, neck, :2].mean(0) - ref[neck, :2]).max() < 0.1
+        # the training dancers stood near the middle: this dance stays on the photo's left
+        assert dance[:, seen, 0].mean() < 0.45
+
+
+def test_two_seeds_dance_two_dances(dances_to_the_photo):
+    a, b = (out.poses.coords for out in dances_to_the_photo)
+    assert np.abs(a - b).mean() > 0.005
+    np.testing.assert_allclose(a[0], b[0])  # both start from the photo's pose

@@ -63,7 +63,8 @@ def choreo_sample(key: str, split: str, rng: np.random.Generator) -> dict:
         "pose_body": body,
         "pose_heatmap": render_heatmaps(body, *GRID, sigma=1.5, min_score=0.3),
         "face_present": np.zeros(n, bool),
-        "face_crop": np.zeros((n, 112, 112, 3), np.uint8),
+        "face_crop": np.zeros((len(range(0, n, 8)), 112, 112, 3), np.uint8),
+        "face_crop_frames": np.arange(0, n, 8, dtype=np.int32),  # crops on every 8th frame
         "face_embed": np.zeros((n, 512), np.float16),
         "face_ref_embed": np.zeros(512, np.float32),
     }

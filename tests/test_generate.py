@@ -16,6 +16,7 @@ from dwm.shared.errors import UserFacingError
 from dwm.shared import config as C
 from dwm.generate import pipeline as G
 from dwm.training import metrics
+from fixtures_known_answer import choreo_sample
 
 FPS = 24.0
 BONE_ERROR_MAX = 0.5  # mean limb-length error, in units of the photo's mean limb length
@@ -235,11 +236,21 @@ def test_reference_from_video_saves_a_display_frame(tmp_path):
 # the dance fits the person in the photo (a stage A trained on the known-answer corpus)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dances_to_the_photo(known_answer_run, offcentre_dancer, tiny_models_cfg, music_ogg):
+def dances_to_the_photo(known_answer_run, offcentre_dancer, tiny_models_cfg):
+    """Two seeds' dances of the known-answer model for the person in a real photo, through the
+    pipeline's own steps; the music is a beat track of the kind that model learned (the
+    real-song path runs in the tests above)."""
     pipe = G.DancePipeline.from_pretrained(known_answer_run.final_dir, models=tiny_models_cfg,
                                            pose_backend="mediapipe", show_progress=False)
-    return [pipe(music_ogg, offcentre_dancer, seed=seed, fps=FPS, resolution="256x448",
-                 max_seconds=4.0, pose_steps=8) for seed in (0, 1)]
+    reference = pipe.encode_reference(offcentre_dancer, 256, 448, fps=FPS)
+    track = choreo_sample("songc0ffee0123456_0000", "val", np.random.default_rng(5))
+    n = track["json"]["num_frames"]
+    song = G.SongFeatures(mel=track["audio_mel"].astype(np.float32),
+                          baseline=track["audio_baseline"].astype(np.float32),
+                          beat_frames=track["json"]["beat_frames"], tempo=120.0, num_frames=n,
+                          fps=FPS)
+    return [G.DanceOutput(poses=pipe.predict_poses(song, reference, seed=seed, pose_steps=8),
+                          reference=reference, song=song, size=(256, 448)) for seed in (0, 1)]
 
 
 def test_the_dance_starts_from_and_keeps_the_photos_body(dances_to_the_photo):
@@ -259,6 +270,8 @@ def test_the_dance_starts_from_and_keeps_the_photos_body(dances_to_the_photo):
         assert np.abs(dance[:, neck, :2].mean(0) - ref[neck, :2]).max() < 0.1
         # the training dancers stood near the middle: this dance stays on the photo's left
         assert dance[:, seen, 0].mean() < 0.45
+        wrists = [contract.BODY_JOINTS.index(j) for j in ("r_wrist", "l_wrist")]
+        assert dance[:, wrists, :2].std(0).mean() > 0.01  # and it dances (not a frozen pose)
 
 
 def test_two_seeds_dance_two_dances(dances_to_the_photo):

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+from dwm.datasets import iter_tar_samples
 from dwm.preprocess import run as preprocess_run
 from dwm.preprocess.decode import SegmentReader, centre_crop_box, crop, make_plan
 from dwm.preprocess.probe import probe_file
 from dwm.shared import contract
 from dwm.shared.config import DecodeConfig, PreprocessConfig
-from dwm.shared.shards import load_manifest
+from dwm.shared.shards import decode_sample, load_manifest
 
 from .common import Bench
 from .report import Figure, Goal, Reference, Section, median
@@ -258,9 +259,6 @@ def raw_f32_bytes(shape: tuple[int, ...]) -> int:
 def shard_member_bytes(manifest: dict[str, Any]) -> dict[str, list[int]]:
     """feature -> [stored member bytes, bytes of the same array as plain .npy], over every
     shard of the manifest (the members as the tar holds them; .json and tar headers apart)."""
-    from dwm.datasets import iter_tar_samples
-    from dwm.shared.shards import decode_sample
-
     out: dict[str, list[int]] = {}
     for s in manifest["shards"]:
         for raw in iter_tar_samples(s["url"]):

@@ -22,6 +22,7 @@ import numpy as np
 import soundfile as sf
 
 from .contract import BODY_LIMBS, KEYPOINTS_SIDECAR_SUFFIX
+from .media import write_video
 
 AUDIO_SR = 22050
 
@@ -99,8 +100,6 @@ def make_dance_clip(path: str | Path, seconds: float = 4.0, bpm: float = 120.0, 
                     keypoints: bool = False) -> Path:
     """Write an mp4 of the stick-figure dancer moving on the beat of its own track; with
     ``keypoints``, also its true poses as ``<stem>.keypoints.json`` (``pose.backend=file``)."""
-    from .media import write_video
-
     path = Path(path)
     rng = np.random.default_rng(seed)
     phase, hue = float(rng.uniform(0, 2 * math.pi)), int(rng.integers(0, 180))
@@ -387,8 +386,6 @@ def make_choreography_clip(path: str | Path, seconds: float, bpm: float, fps: fl
                            seed: int = 0, hue: int = 0) -> tuple[Path, Choreography]:
     """An mp4 of :func:`choreography` on its own beat track (beats at i * 60 / bpm, as the
     dance's), with its true keypoints beside it as ``<stem>.keypoints.json``."""
-    from .media import write_video
-
     path = Path(path)
     c = choreography(seconds, bpm, fps, width=width, height=height, centre=centre, scale=scale,
                      seed=seed)

@@ -116,7 +116,7 @@ def test_run_shows_the_preview_first_then_the_video(video_app, dance_face, music
     assert len(s["video"]) == 1 and len(s["audio"]) == 1
     assert (s["video"][0]["width"], s["video"][0]["height"]) == (64, 128)
     doc = json.loads(Path(poses).read_text())
-    assert doc["format"] == "openpose-18" and doc["num_frames"] == int(SECONDS * FPS)
+    assert doc["layout"] == "openpose_18" and doc["num_frames"] == int(SECONDS * FPS)
     assert doc["seed"] == 7 and len(doc["frames"][0]) == 18
     # the files as the person named them, not the server's upload folders
     assert (doc["reference_image"], doc["music"]) == (dance_face.name, music_ogg.name)

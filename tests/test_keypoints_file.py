@@ -24,7 +24,7 @@ from dwm.preprocess.extractors.pose import COCO_TO_OPENPOSE
 from dwm.shared import media
 from dwm.shared.config import build_preprocess_config
 from dwm.shared.errors import UserFacingError
-from dwm.shared.shards import decode_npy, load_manifest
+from dwm.shared.shards import decode_sample, load_manifest
 from dwm.shared.synthetic import (AUDIO_SR, beat_track, choreography, make_demo_reference,
                                   render_frame)
 
@@ -102,10 +102,10 @@ def _poses(out: Path) -> dict[str, dict[str, np.ndarray]]:
     parts: dict[str, list] = {}
     for s in load_manifest(str(out / "manifest.json"))["shards"]:
         for raw in iter_tar_samples(s["url"]):
-            meta = json.loads(raw["json"])
+            arrays = decode_sample(raw)  # members as the contract encodes them
+            meta = arrays["json"]
             parts.setdefault(meta["source"], []).append(
-                (meta["start_frame"], {k: decode_npy(raw[f"pose_{k}.npy"])
-                                       for k in ("body", "face", "heatmap")}))
+                (meta["start_frame"], {k: arrays[f"pose_{k}"] for k in ("body", "face", "heatmap")}))
     return {src: {k: np.concatenate([p[k] for _, p in sorted(v, key=lambda e: e[0])])
                   for k in ("body", "face", "heatmap")} for src, v in parts.items()}
 

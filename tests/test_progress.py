@@ -75,8 +75,9 @@ def test_training_log_outside_a_terminal_has_plain_lines(tmp_path):
     """A real ``dwm train`` with stderr to a pipe: progress as whole lines, no carriage return,
     and (with an interval of 0 s) one line per step."""
     data = write_synthetic_dataset(tmp_path / "data", n_train=2, n_val=1, T=16, per_shard=1)
-    env = {**os.environ, "DWM_PROGRESS_SECONDS": "0", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
+    # DWM_PROGRESS=1: other fixtures of the session turn progress off in os.environ
+    env = {**os.environ, "DWM_PROGRESS": "1", "DWM_PROGRESS_SECONDS": "0",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "dwm.shared.cli", "train", "stage=A", "profile=tiny",
          f"data={data}", f"output_dir={tmp_path / 'out'}", "stage_a_steps=3", "audio_window=8",

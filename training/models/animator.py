@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dwm.shared import contract
+from dwm.shared import contract, pretrained
 
 from .. import edm
 from .attention import ReferenceBank, install_processors, layer_dims, spatial_layers
 from .dance_model import DanceModel
 from .id_adapter import IDAdapter
+from .m2p import M2PEncoder
 from .pose_guider import PoseGuider
 from .reference_net import ReferenceNet
 
@@ -124,8 +125,6 @@ def build_video_components(unet: nn.Module, size: str = "full",
 
 def _build_m2p(cfg: Any) -> nn.Module:
     """A fresh M2PEncoder exactly as stage A builds one (heatmap grid from the manifest)."""
-    from .m2p import M2PEncoder
-
     return M2PEncoder.from_train_config(cfg)
 
 
@@ -134,11 +133,9 @@ def build_dance_model(cfg: Any, stage: str, init_path: str | Path | None = None,
     """The DanceModel for stage ``stage`` ("B" or "C"; "A" gives the M2PEncoder alone).
 
     ``init_path``: a DanceModel folder; components it lacks (e.g. the video model after stage A)
-    are built fresh: the UNet from dwm.shared.pretrained (SVD weights, or the tiny profile's model), the
-    ReferenceNet as a copy of it, pose guider and ID adapter at initialisation.
+    are built fresh: the UNet from dwm.shared.pretrained (SVD weights, or the tiny profile's
+    model), the ReferenceNet as a copy of it, pose guider and ID adapter at initialisation.
     """
-    from dwm.shared import pretrained
-
     components: dict[str, nn.Module] = {}
     if init_path:
         components = DanceModel.from_pretrained(init_path).components()

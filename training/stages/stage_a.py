@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from dwm.datasets import iter_tar_samples
 from dwm.datasets.pipeline import split_urls
 from dwm.datasets.views import decode_features, sample_meta
+from dwm.shared import media
 from dwm.shared.shards import load_manifest
 
 from .. import metrics
@@ -282,8 +283,6 @@ class StageA(Stage):
         return res
 
     def _log_media(self, first, size, step, writer, out_dir: Path) -> None:
-        from dwm.shared import media
-
         batch, pred = first
         meta = batch["meta"][0]
         n = int(meta.get("length") or len(pred))

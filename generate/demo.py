@@ -8,9 +8,9 @@ The default corpus is the known answer of stage A (:func:`dwm.shared.synthetic.c
 stick-figure dancer makes one of three arm moves on every beat, chosen at random, placed and
 sized differently in every clip, on beat tracks of several tempos. Each clip carries its true
 keypoints (``<stem>.keypoints.json``) and preprocessing reads them (``pose.backend=file``), so the
-poses stage A learns from are the ones the pictures show. Stage A trains the steps in which issue
-14's known-answer test learns such a choreography; the demo then dances to a beat track no clip has, from a reference photo of the
-dancer standing where no clip puts them, and scores the trained model, its one-step
+poses stage A learns from are the ones the pictures show. Stage A trains long enough to learn the
+choreography (800 steps); the demo then dances to a beat track no clip has, from a reference
+photo of the dancer standing where no clip puts them, and scores the trained model, its one-step
 (deterministic) prediction and the ground truth on that song: valid moves, how often seeds choose
 different moves, seed diversity, beat F1 and the distance of frame 0 to the reference.
 
@@ -218,7 +218,6 @@ def main(cfg: C.DemoConfig) -> int:
                                   f"({', '.join(VIDEO_SUFFIXES)})")
         song = _song_of(clips)  # before the long work: the dance needs music
         print(f"{len(clips)} videos in {videos}")
-        song = _song_of(clips)
         ref = out / "reference.png"
         out.mkdir(parents=True, exist_ok=True)
         generate.reference_from_video(clips[-1], ref)  # another dancer than the song's, if several

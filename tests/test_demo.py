@@ -79,10 +79,6 @@ def test_demo_runs_end_to_end(demo):
     assert "| trained model |" in res.stdout and "cannot show the figure" in res.stdout
 
 
-@pytest.mark.xfail(reason="measured (issue 15): after 800 stage-A steps on the demo corpus (real "
-                          "beat-track audio, 5 tempos, 8 clips) the model makes 0% valid moves; "
-                          "issue 14's known answer reaches 97% on idealised audio features",
-                   strict=False)
 def test_demo_stage_a_learns_the_choreography(demo):
     _, _, paths = demo
     known = json.loads(paths["eval metrics"].read_text())["known_answer"]["table"]

@@ -9,8 +9,9 @@ rest of the project uses, so generation sees what training saw):
 3. ``encode_reference``: the person in the photo is located and cropped as preprocessing crops
    a video (pose backend, main-dancer pick, crop centred on the dancer); with a video model also
    the ArcFace, CLIP and VAE embeddings of the crop (the preprocessing extractors).
-4. ``predict_poses``: the M2PEncoder turns the music (normalised with the training data's
-   statistics, saved beside the checkpoint) into a pose sequence.
+4. ``predict_poses``: the M2PEncoder's pose denoiser samples the dance for the photo's body from
+   the music (normalised with the training data's statistics, saved beside the checkpoint), in
+   windows that continue each other; frame 0 is the photo's pose.
 5. ``prepare_latents``: the initial noise of the video, drawn on the CPU from ``seed``.
 6. ``denoise_latents``: EDM Euler steps of the video model, classifier-free guidance on the
    appearance, in overlapping windows whose denoised estimates are cross-faded at every step (no
